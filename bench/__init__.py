@@ -1,0 +1,1 @@
+"""Benchmark harness, baselines and scenarios (arrives with the benchmarks issue)."""

@@ -1,0 +1,1 @@
+"""rexedge.export: model definition, checkpoint loading, tiny checkpoints, ONNX export."""

@@ -1,0 +1,1 @@
+"""Triton kernels, each beside its torch reference (arrives with the kernels issue)."""

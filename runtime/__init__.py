@@ -1,0 +1,1 @@
+"""rexedge.runtime: tokenizer, prompts, preprocessing, output grammar, decode loop, backends, API."""

@@ -1,0 +1,39 @@
+"""rexedge: an edge runtime for Rex-Omni.
+
+The repository's top-level folders are the subpackages of one namespace: export/ is
+rexedge.export, runtime/ is rexedge.runtime, and so on. Nothing else is installed at
+the top of site-packages.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+SUBPACKAGES = ["export", "runtime", "kernels", "calib", "bench"]
+
+warnings = ["/W4", "/WX"] if sys.platform == "win32" else ["-Wall", "-Wextra", "-Werror", "-std=c99"]
+
+TORCH = "torch==2.13.0"
+
+setup(
+    name="rexedge",
+    version="0.1.0",
+    description="Edge runtime for Rex-Omni: ONNX / TensorRT export, Triton kernels, structured decoding",
+    python_requires=">=3.10",
+    # rexedge itself is a namespace package (no __init__.py); each folder maps to one subpackage
+    packages=[f"rexedge.{p}" for p in SUBPACKAGES],
+    package_dir={f"rexedge.{p}": p for p in SUBPACKAGES},
+    package_data={"rexedge.runtime": ["assets/*", "assets/**/*"]},
+    ext_modules=[
+        Extension("rexedge.runtime._grammar", sources=["runtime/_grammar.c"], extra_compile_args=warnings),
+    ],
+    install_requires=["numpy", "onnxruntime", "tokenizers", "pillow", "tqdm"],
+    extras_require={
+        "export": [TORCH, "onnx", "safetensors"],
+        "kernels": [TORCH, "triton"],
+        "tensorrt": ["tensorrt", "cuda-python"],
+        "video": ["opencv-python-headless"],
+        "dev": [TORCH, "onnx", "safetensors", "transformers", "pytest", "pytest-benchmark", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["rexedge = rexedge.runtime.cli:main"]},
+)
