@@ -1,0 +1,119 @@
+"""Is an ort decode step flat in the context length? ms/token at ~200 and ~2,000 tokens of context.
+
+A random checkpoint bigger than "tiny" (hidden 512, 8 layers, the real head_dim 128,
+2 KV heads and M-RoPE sections) is exported to a bundle and run with the ``ort`` backend.
+For each context length a backend is prefilled with that many tokens; then single-token
+steps (``backend.step``, as the decode loop calls it) are timed, alternating between
+the backends, and the median after warm-up is reported. With the KV cache shared in
+place between steps, per-token cost should barely grow with the context: only the
+attention over the cached keys grows, never a copy of the cache.
+
+    python -m rexedge.bench.decode_context [--contexts 200 2000] [--steps 40] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rexedge.export.config import RexOmniConfig
+
+BENCH_CONFIG = RexOmniConfig.preset("tiny").replace(
+    hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+    mrope_section=(16, 24, 24), max_position_embeddings=8192, vision_out_hidden_size=512)
+
+
+def write_random_checkpoint(out: Path, cfg: RexOmniConfig = BENCH_CONFIG, seed: int = 0) -> Path:
+    """A checkpoint directory (config, one model.safetensors, the tiny tokenizer) with random weights.
+
+    Speed does not depend on the values, so plain scaled normals do."""
+    from safetensors.numpy import save_file
+
+    from rexedge.export.checkpoint import expected_tensor_shapes
+    from rexedge.export.tiny_tokenizer import write_tiny_tokenizer
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_tensor_shapes(cfg).items():
+        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+        tensors[name] = (rng.standard_normal(shape, dtype=np.float32) / math.sqrt(fan_in)).astype(np.float32)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=1))
+    save_file(tensors, str(out / "model.safetensors"))
+    write_tiny_tokenizer(out)
+    return out
+
+
+def time_steps(backends: dict, warmup: int, steps: int, rng: np.random.Generator) -> dict[int, float]:
+    """Median ms of a single-token step per context length, one backend per context.
+
+    Steps alternate between the backends, so a change in machine load (other processes
+    on a shared machine) affects every context alike instead of the one timed last."""
+    for context, backend in backends.items():
+        positions = np.tile(np.arange(context, dtype=np.int64), (3, 1))
+        backend.prefill(rng.standard_normal((context, backend.config.hidden_size), dtype=np.float32) * 0.05, positions)
+    token = np.zeros(1, np.int64)
+    position = np.zeros((3, 1), np.int64)
+    times: dict[int, list[float]] = {context: [] for context in backends}
+    for i in range(warmup + steps):
+        for context, backend in backends.items():
+            token[0] = rng.integers(backend.embed_table.shape[0])
+            position[:] = backend.cache_length
+            start = time.perf_counter()
+            backend.step(token, position)
+            if i >= warmup:
+                times[context].append((time.perf_counter() - start) * 1e3)
+    return {context: statistics.median(t) for context, t in times.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from rexedge.export.bundle import export_bundle
+    from rexedge.runtime.backends import load_backend
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = write_random_checkpoint(Path(tmp) / "checkpoint")
+        bundle = export_bundle(checkpoint, Path(tmp) / "bundle", progress=False)
+        capacity = max(args.contexts) + args.warmup + args.steps
+        backends = {c: load_backend("ort", bundle, max_context=capacity, threads=args.threads) for c in args.contexts}
+        ms = time_steps(backends, args.warmup, args.steps, np.random.default_rng(0))
+        weight_bytes = (bundle / "decoder.onnx.data").stat().st_size
+    cfg = BENCH_CONFIG
+    kv_bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    first, last = args.contexts[0], args.contexts[-1]
+    # what a step must read: the weights plus the cached keys/values attention looks at;
+    # a per-step copy of the cache would add to this, so the measured ratio stays near it
+    read_ratio = (weight_bytes + kv_bytes_per_token * last) / (weight_bytes + kv_bytes_per_token * first)
+    result = {
+        "config": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
+                   "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "decoder_weight_bytes": weight_bytes},
+        "ms_per_token": {str(c): round(v, 3) for c, v in ms.items()},
+        "ratio_last_to_first": round(ms[last] / ms[first], 3),
+        "bytes_read_ratio_last_to_first": round(read_ratio, 3),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for c, v in ms.items():
+            print(f"context {c:6d}: {v:7.3f} ms/token (median of {args.steps} after {args.warmup} warm-up)")
+        print(f"ratio {last}/{first}: {result['ratio_last_to_first']:.3f}; bytes a step reads (weights "
+              f"{weight_bytes / 2**20:.1f} MiB + attended KV) grow {read_ratio:.3f}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Writing a bundle (``rexedge export CHECKPOINT --out BUNDLE``): graphs, head, tokenizer, manifest.
+
+The checkpoint is read one tensor at a time (:func:`rexedge.export.checkpoint.iter_checkpoint_tensors`)
+and each tensor goes straight to where it belongs: the embedding to ``embed_tokens.npy``
+(float32, memory-mapped by the runtime), ``visual.*`` to ``vision.onnx.data`` and the
+decoder's tensors to ``decoder.onnx.data``, converted to the bundle precision, with
+linear weights transposed to [in, out] for MatMul. Only then are the two graphs written
+(they reference the data by offset), so exporting the 3B model holds about one tensor in
+memory. Everything is written into ``BUNDLE.partial`` and renamed at the end: a failed
+export never leaves something that looks like a bundle. The layout and manifest are
+described in :mod:`rexedge.runtime.bundle`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from rexedge.export.checkpoint import EMBED, expected_tensor_shapes, iter_checkpoint_tensors, open_checkpoint
+from rexedge.export.config import RexOmniConfig
+from rexedge.export.onnx_decoder import BATCH, FLAVOURS, KV_CAPACITY, TOKENS, build_decoder_graph
+from rexedge.export.onnx_graph import ExternalData
+from rexedge.export.onnx_vision import MERGED, PATCHES, WINDOWS, build_vision_graph
+from rexedge.runtime.bundle import (
+    DIGEST_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PRECISIONS,
+    manifest_digest,
+    sha256_file,
+)
+from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS
+from rexedge.runtime.tokenizer import Tokenizer
+
+EMBED_FILE = "embed_tokens.npy"
+TOKENIZER_FILE = "tokenizer.json"
+VISION_FILE = "vision.onnx"
+DECODER_FILE = "decoder.onnx"
+
+_DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64",
+                TensorProto.INT32: "int32", TensorProto.BOOL: "bool"}
+
+
+class ExportError(RexEdgeError, ValueError):
+    """A checkpoint that cannot be exported, or an output directory that cannot be written."""
+
+
+def _stored_layout(name: str, array: np.ndarray) -> np.ndarray:
+    """A checkpoint tensor in the layout the graphs use: linear weights [in, out], the patch conv as a matrix."""
+    if name == "visual.patch_embed.proj.weight":
+        return array.reshape(array.shape[0], -1).T
+    if array.ndim == 2:
+        return array.T
+    return array
+
+
+def _max_windows(cfg: RexOmniConfig, max_merged: int) -> int:
+    """Most attention windows any merged grid of at most ``max_merged`` tokens can have (partial windows count)."""
+    w = cfg.window_merged
+    return max(math.ceil(h / w) * math.ceil((max_merged // h) / w) for h in range(1, max_merged + 1))
+
+
+def _dim_ranges(cfg: RexOmniConfig) -> dict[str, dict[str, tuple[int, int]]]:
+    per_patch = cfg.patch_size ** 2
+    min_patches, max_patches = MIN_PIXELS // per_patch, MAX_PIXELS // per_patch
+    max_merged = max_patches // cfg.merge_unit
+    return {
+        "vision": {PATCHES: (min_patches, max_patches), MERGED: (min_patches // cfg.merge_unit, max_merged),
+                   WINDOWS: (1, _max_windows(cfg, max_merged))},
+        "decoder": {BATCH: (1, 1), TOKENS: (1, cfg.max_position_embeddings),
+                    KV_CAPACITY: (1, cfg.max_position_embeddings)},
+    }
+
+
+def _describe(values: Iterable[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
+    described = []
+    for v in values:
+        t = v.type.tensor_type
+        shape = [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim]
+        described.append({"name": v.name, "dtype": _DTYPE_NAMES[t.elem_type], "shape": shape})
+    return described
+
+
+def _check_tokenizer(cfg: RexOmniConfig, tokenizer: Tokenizer, where: Path) -> None:
+    ids = tokenizer.ids
+    pairs = [("image_token_id", cfg.image_token_id, "<|image_pad|>", ids.image_pad),
+             ("vision_start_token_id", cfg.vision_start_token_id, "<|vision_start|>", ids.vision_start),
+             ("vision_end_token_id", cfg.vision_end_token_id, "<|vision_end|>", ids.vision_end)]
+    for field, in_config, token, in_tokenizer in pairs:
+        if in_config != in_tokenizer:
+            raise ExportError(f"{where}: config.json {field} is {in_config}, but the tokenizer gives {token} "
+                              f"id {in_tokenizer}")
+    if ids.coord_start + ids.num_coords > cfg.vocab_size:
+        raise ExportError(f"{where}: coordinate tokens end at id {ids.coord_start + ids.num_coords}, beyond the "
+                          f"embedding's {cfg.vocab_size} rows")
+
+
+def _prepare_output(out: Path) -> Path:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out}: already exists and is not an empty directory")
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp32", flavour: str = "ort",
+                  progress: bool = True) -> Path:
+    """Export a checkpoint directory to a bundle at ``out`` (must not exist, or be empty); returns ``out``.
+
+    ``precision`` "fp32" or "fp16" (weights, activations and KV cache; inputs, outputs,
+    norms, softmax and the head table stay float32). ``flavour`` selects how the decoder
+    expresses attention and the KV cache (see :mod:`rexedge.export.onnx_decoder`).
+    """
+    import torch
+    from tqdm import tqdm
+
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
+    if flavour not in FLAVOURS:
+        raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    opened = open_checkpoint(checkpoint)
+    cfg = opened.config
+    if not cfg.tie_word_embeddings:
+        raise ExportError(f"{checkpoint / 'config.json'}: tie_word_embeddings is false; bundles hold one table for "
+                          f"the input embedding and the head, so only tied checkpoints can be exported")
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    _check_tokenizer(cfg, tokenizer, checkpoint)
+    staging = _prepare_output(out)
+    try:
+        np_dtype = np.float16 if precision == "fp16" else np.float32
+        vision_data = ExternalData(staging / (VISION_FILE + ".data"))
+        decoder_data = ExternalData(staging / (DECODER_FILE + ".data"))
+        total = len(expected_tensor_shapes(cfg))
+        with tqdm(total=total, desc="export: weights", unit="tensor", disable=not progress) as bar:
+            for name, tensor, file in iter_checkpoint_tensors(checkpoint, dtype=torch.float32):
+                bar.update()
+                array = tensor.numpy()
+                if name == EMBED:
+                    np.save(staging / EMBED_FILE, array)
+                    continue
+                stored = _stored_layout(name, array).astype(np_dtype)
+                if not np.isfinite(stored).all():
+                    raise ExportError(f"tensor {name!r} in {file} does not fit {precision} (values overflow to "
+                                      f"inf); export with --dtype fp32")
+                (vision_data if name.startswith("visual.") else decoder_data).add(name, stored)
+        vision_data.close()
+        decoder_data.close()
+
+        graphs = {}
+        dims = _dim_ranges(cfg)
+        for key, file, data, build in (
+            ("vision", VISION_FILE, vision_data, lambda: build_vision_graph(cfg, vision_data.tensors, precision)),
+            ("decoder", DECODER_FILE, decoder_data,
+             lambda: build_decoder_graph(cfg, decoder_data.tensors, precision, flavour)),
+        ):
+            if progress:
+                print(f"export: writing {file}", flush=True)
+            model = build()
+            onnx.save(model, staging / file)
+            graphs[key] = {"file": file, "data": data.path.name, "inputs": _describe(model.graph.input),
+                           "outputs": _describe(model.graph.output), "dims": dims[key]}
+        tokenizer.save(staging / TOKENIZER_FILE)
+
+        if progress:
+            print("export: hashing files", flush=True)
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(staging.iterdir())}
+        ids = tokenizer.ids
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source": {"checkpoint": checkpoint.name, "digest": opened.digest()},
+            "config": cfg.to_hf_dict(),
+            "precision": precision,
+            "flavour": flavour,
+            "tokens": asdict(ids),
+            "head": {"file": EMBED_FILE, "dtype": "float32", "shape": [cfg.vocab_size, cfg.hidden_size],
+                     "coord_rows": [ids.coord_start, ids.coord_start + ids.num_coords]},
+            "graphs": graphs,
+            "files": files,
+        }
+        manifest = json.loads(json.dumps(manifest))  # tuples -> lists, so the digest sees what a reader sees
+        manifest[DIGEST_KEY] = manifest_digest(manifest)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def export_command(args: Any) -> None:
+    """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort] [--quiet]``."""
+    path = export_bundle(args.checkpoint, args.out, precision=args.dtype, flavour=args.flavour,
+                         progress=not args.quiet)
+    size = sum(p.stat().st_size for p in path.iterdir())
+    print(f"wrote a {args.dtype} bundle ({args.flavour} decoder, {size / 2**20:.1f} MiB) to {path}")

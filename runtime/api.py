@@ -1,0 +1,150 @@
+"""The public API: ``RexOmni``, a drop-in for the official ``RexOmniWrapper``.
+
+    from rexedge.runtime import RexOmni
+    model = RexOmni("path/to/bundle")                  # backend="ort", CPU
+    [result] = model.inference(image, task="detection", categories=["cup", "door handle"])
+    result["extracted_predictions"]                    # the official parser's dictionary
+    result["detections"]                               # typed, with per-box scores
+
+Each result dictionary has the official wrapper's keys (``success``, ``image_size``,
+``resized_size``, ``task``, ``prompt``, ``raw_output``, ``extracted_predictions``,
+``inference_time``, ``num_output_tokens``, ``num_prompt_tokens``, ``generation_time``,
+``tokens_per_second``) plus ``output_token_ids``, ``detections``, ``absent`` (phrases
+answered "None"), ``stop_reason`` and ``timings`` (seconds per stage).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from rexedge.runtime.backends import load_backend
+from rexedge.runtime.grammar import make_grammar
+from rexedge.runtime.head import NumpyHead, Sampling
+from rexedge.runtime.loop import DecodeLoop, Limits
+from rexedge.runtime.parse import parse_prediction
+from rexedge.runtime.positions import rope_positions
+from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, preprocess
+from rexedge.runtime.prompts import DEFAULT_SYSTEM_PROMPT, build_task_prompt, encode_prompt
+from rexedge.runtime.errors import RexEdgeError
+
+
+class RexOmni:
+    """Rex-Omni on one backend, chosen once: ``ort`` (a bundle) or ``torch`` (a checkpoint)."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        backend: str = "ort",
+        device: str = "cpu",
+        decoding: str = "structured",
+        max_tokens: int = 4096,
+        temperature: float = 0.0,
+        top_p: float = 0.8,
+        top_k: int = 1,
+        repetition_penalty: float = 1.05,
+        min_pixels: int = MIN_PIXELS,
+        max_pixels: int = MAX_PIXELS,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        max_boxes: int = 1000,
+        seed: int | None = None,
+        **backend_options: Any,
+    ) -> None:
+        self.backend = load_backend(backend, model_path, device=device, **backend_options)
+        self.config = self.backend.config
+        self.tokenizer = self.backend.tokenizer
+        self.ids = self.tokenizer.ids
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.system_prompt = system_prompt
+        # The official wrapper samples only when temperature > 0; top_p / top_k apply then.
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k if temperature > 0 else 0,
+                            repetition_penalty=repetition_penalty, seed=seed)
+        head = NumpyHead(self.backend.embed_table, sampling)
+        self.loop = DecodeLoop(self.backend, head, self.ids, mode=decoding,
+                               limits=Limits(max_new_tokens=max_tokens, max_boxes=max_boxes))
+
+    def inference(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        task: str = "detection",
+        categories: str | Sequence[str] | Sequence[Sequence[str]] | None = None,
+        keypoint_type: str | None = None,
+        visual_prompt_boxes: Sequence[Sequence[float]] | None = None,
+        channel_order: str = "rgb",
+    ) -> list[dict[str, Any]]:
+        """One result dictionary per image (see the module docstring).
+
+        ``images``: one image or a list; each a path, a PIL image or an HxWx3 uint8 array
+        (RGB unless ``channel_order="bgr"``, as OpenCV frames are). ``categories``: one list
+        for every image, or one list per image.
+        """
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise RexEdgeError("images: expected at least one image, got an empty list")
+        per_image = _per_image_categories(categories, len(batch))
+        return [self._one(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order)
+                for image, cats in zip(batch, per_image)]
+
+    def _one(self, image: ImageInput, task: str, categories: Any, keypoint_type: str | None,
+             visual_prompt_boxes: Any, channel_order: str) -> dict[str, Any]:
+        cfg, ids = self.config, self.ids
+        t0 = time.perf_counter()
+        pre = preprocess(image, self.min_pixels, self.max_pixels, cfg=cfg, channel_order=channel_order)
+        task_prompt = build_task_prompt(task, categories, keypoint_type, visual_prompt_boxes, pre.image_size)
+        prompt_ids = np.asarray(encode_prompt(self.tokenizer, ids, task_prompt, pre.num_image_tokens,
+                                              self.system_prompt), dtype=np.int64)
+        if len(prompt_ids) >= self.backend.max_context:
+            raise RexEdgeError(f"the prompt needs {len(prompt_ids)} tokens but the backend holds "
+                               f"{self.backend.max_context}; lower max_pixels or raise max_context")
+        positions, rope_delta = rope_positions(prompt_ids, ids.image_pad, ids.vision_start, pre.merged_grid_hw)
+        grammar = make_grammar(task, ids, pre.image_size, decode=self.tokenizer.decode)
+        t1 = time.perf_counter()
+        image_embeds = self.backend.encode_image(pre)
+        t2 = time.perf_counter()
+        gen = self.loop.run(prompt_ids, image_embeds, positions, rope_delta, grammar)
+        raw_output = self.tokenizer.decode(gen.token_ids)
+        width, height = pre.image_size
+        extracted = parse_prediction(raw_output, width, height, task)
+        total = time.perf_counter() - t0
+        generation_time = gen.prefill_s + gen.decode_s
+        return {
+            "success": True,
+            "image_size": pre.image_size,
+            "resized_size": pre.resized_size,
+            "task": task,
+            "prompt": task_prompt.text,
+            "raw_output": raw_output,
+            "extracted_predictions": extracted,
+            "inference_time": total,
+            "num_output_tokens": len(gen.token_ids),
+            "num_prompt_tokens": len(prompt_ids),
+            "generation_time": generation_time,
+            "tokens_per_second": len(gen.token_ids) / gen.decode_s if gen.decode_s > 0 else 0.0,
+            "output_token_ids": gen.token_ids,
+            "detections": gen.detections,
+            "absent": grammar.absent,
+            "stop_reason": gen.stop_reason,
+            "timings": {
+                "preprocess_s": t1 - t0,
+                "vision_s": t2 - t1,
+                "prefill_s": gen.prefill_s,
+                "decode_s": gen.decode_s,
+                "decode_backend_s": gen.backend_s,
+                "decode_host_s": gen.decode_s - gen.backend_s,
+                "steps": gen.steps,
+            },
+        }
+
+
+def _per_image_categories(categories: Any, n: int) -> list[Any]:
+    if categories is None or isinstance(categories, str):
+        return [categories] * n
+    categories = list(categories)
+    if categories and all(isinstance(c, (list, tuple)) for c in categories):
+        if len(categories) != n:
+            raise RexEdgeError(f"categories: {len(categories)} per-image lists for {n} images")
+        return categories
+    return [categories] * n

@@ -1,0 +1,93 @@
+"""What every backend provides to the decode loop, and nothing more.
+
+A backend encodes images, prefills a prompt and appends tokens; it owns its KV cache.
+The decode loop, the head and the sampler are shared (``rexedge.runtime.loop`` /
+``head``): the loop turns the returned hidden state into logits with ``embed_table``
+(the tied embedding), so a backend never computes logits.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.errors import RexEdgeError
+
+if TYPE_CHECKING:
+    from rexedge.runtime.preprocess import PreprocessedImage
+    from rexedge.runtime.tokenizer import Tokenizer
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+class BackendError(RexEdgeError, ValueError):
+    """A backend that cannot be created or used as asked: unknown name or device, missing dependency, full cache."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    config: RexOmniConfig
+    tokenizer: "Tokenizer"
+    embed_table: np.ndarray  # [vocab, H] float32: head rows and input lookup (may be a read-only memmap)
+    max_context: int  # KV capacity in tokens
+
+    def encode_image(self, image: "PreprocessedImage") -> np.ndarray:
+        """Image embeddings [N/4, H] float32 in raster order of the merged grid."""
+        ...
+
+    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Reset the cache, run [T, H] float32 embeddings at [3, T] int64 positions; last hidden [H] float32."""
+        ...
+
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        """Append [k] int64 tokens at [3, k] positions after the cache; last hidden [H] float32."""
+        ...
+
+    @property
+    def cache_length(self) -> int:
+        """Tokens in the KV cache."""
+        ...
+
+
+def check_capacity(backend_name: str, cache_length: int, new_tokens: int, max_context: int) -> None:
+    if cache_length + new_tokens > max_context:
+        raise BackendError(
+            f"{backend_name} backend: {new_tokens} new token(s) after {cache_length} cached exceed the KV capacity "
+            f"max_context={max_context}; create the backend with a larger max_context")
+
+
+def check_positions(backend_name: str, position_ids: np.ndarray, tokens: int) -> np.ndarray:
+    position_ids = np.asarray(position_ids)
+    if position_ids.shape != (3, tokens) or not np.issubdtype(position_ids.dtype, np.integer):
+        raise BackendError(f"{backend_name} backend: position_ids must be an integer array of shape (3, {tokens}), "
+                           f"got {position_ids.dtype} {position_ids.shape}")
+    return position_ids
+
+
+def check_token_ids(backend_name: str, token_ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    token_ids = np.asarray(token_ids)
+    if token_ids.ndim != 1 or token_ids.size == 0 or not np.issubdtype(token_ids.dtype, np.integer):
+        raise BackendError(f"{backend_name} backend: token_ids must be a non-empty 1-D integer array, "
+                           f"got {token_ids.dtype} {token_ids.shape}")
+    if token_ids.min() < 0 or token_ids.max() >= vocab_size:
+        raise BackendError(f"{backend_name} backend: token ids must be in 0..{vocab_size - 1}, got {token_ids.tolist()}")
+    return token_ids
+
+
+def check_embeds(backend_name: str, inputs_embeds: np.ndarray, hidden_size: int) -> np.ndarray:
+    inputs_embeds = np.asarray(inputs_embeds)
+    if inputs_embeds.ndim != 2 or inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] != hidden_size:
+        raise BackendError(f"{backend_name} backend: inputs_embeds must have shape (T >= 1, {hidden_size}), "
+                           f"got {inputs_embeds.shape}")
+    return inputs_embeds
+
+
+def check_image(backend_name: str, image: "PreprocessedImage", cfg: RexOmniConfig) -> None:
+    patches = image.pixel_patches
+    expected = (image.layout.num_patches, cfg.patch_dim)
+    if patches.shape != expected:
+        raise BackendError(f"{backend_name} backend: pixel_patches has shape {patches.shape}, the image's layout and "
+                           f"the model need {expected}")

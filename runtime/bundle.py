@@ -1,0 +1,189 @@
+"""Loading and checking a bundle: the directory ``rexedge export`` writes and every backend runs.
+
+Layout (format version 1)::
+
+    manifest.json        what is here (see below), with its own digest
+    tokenizer.json       the tokenizer, special and coordinate tokens included
+    vision.onnx (+ .data)  patch rows + VisionLayout arrays -> image embeddings
+    decoder.onnx (+ .data) embeddings + M-RoPE positions + KV cache -> hidden states
+    embed_tokens.npy     the tied embedding [vocab, hidden] float32: the head (the
+                         coordinate rows are a slice of it) and the input lookup table
+
+``manifest.json`` holds the format name and version, the source checkpoint's digest, the
+model config (the published config.json layout), precision and decoder flavour, the
+special and coordinate token ids, each graph's inputs/outputs with the ranges of their
+symbolic dimensions, the head's shape and coordinate rows, and the sha256 and size of
+every other file. ``manifest_sha256`` is the sha256 of the manifest's canonical JSON
+without that key, so an edited manifest is refused too.
+
+numpy only (plus the tokenizer): loading a bundle never imports torch or onnx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from rexedge.export.config import ConfigError, RexOmniConfig
+from rexedge.runtime.errors import RexEdgeError
+
+FORMAT = "rexedge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DIGEST_KEY = "manifest_sha256"
+PRECISIONS = ("fp32", "fp16")
+
+_HASH_CHUNK = 1 << 22
+
+
+class BundleError(RexEdgeError, ValueError):
+    """A bundle directory that cannot be used: wrong format version, missing or altered file."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no whitespace) without its digest key."""
+    content = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph of the bundle: its file, external-data file, inputs/outputs and dimension ranges."""
+
+    file: str
+    data: str | None
+    inputs: tuple[dict[str, Any], ...]
+    outputs: tuple[dict[str, Any], ...]
+    dims: Mapping[str, tuple[int, int]]
+
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    directory: Path
+    manifest: Mapping[str, Any]
+    config: RexOmniConfig
+    precision: str
+    flavour: str
+    vision: GraphSpec
+    decoder: GraphSpec
+
+    @property
+    def token_ids(self) -> Mapping[str, Any]:
+        return self.manifest["tokens"]
+
+    @property
+    def coord_rows(self) -> tuple[int, int]:
+        """[start, stop) of the coordinate tokens' rows in the embedding table."""
+        start, stop = self.manifest["head"]["coord_rows"]
+        return int(start), int(stop)
+
+    def path(self, name: str) -> Path:
+        return self.directory / name
+
+    def load_embed_table(self, mmap: bool = True) -> np.ndarray:
+        """The tied embedding [vocab, hidden] float32, memory-mapped read-only by default."""
+        head = self.manifest["head"]
+        table = np.load(self.path(head["file"]), mmap_mode="r" if mmap else None, allow_pickle=False)
+        if table.dtype != np.float32 or list(table.shape) != list(head["shape"]):
+            raise BundleError(
+                f"{self.path(head['file'])}: holds {table.dtype} {list(table.shape)}, "
+                f"the manifest says float32 {head['shape']}")
+        return table
+
+    def load_tokenizer(self) -> Any:
+        """The bundle's tokenizer (``rexedge.runtime.tokenizer.Tokenizer``), checked against the manifest's ids."""
+        from rexedge.runtime.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_file(self.path("tokenizer.json"))
+        found = json.loads(json.dumps(asdict(tokenizer.ids)))
+        if found != dict(self.token_ids):
+            raise BundleError(f"{self.path('tokenizer.json')}: its token ids differ from {MANIFEST}'s 'tokens'")
+        return tokenizer
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: no such bundle directory (create one with `rexedge export`)")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; {directory} is not a rexedge bundle (create one with `rexedge export`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e}); the file is damaged, re-export the bundle") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: not a rexedge bundle manifest (no \"format\": \"{FORMAT}\")")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format version {version!r}, this rexedge reads version {FORMAT_VERSION}; "
+            f"re-export the bundle with this rexedge")
+    if manifest.get(DIGEST_KEY) != manifest_digest(manifest):
+        raise BundleError(f"{path}: altered after export (its {DIGEST_KEY} does not match its content)")
+    return manifest
+
+
+def _graph(manifest: Mapping[str, Any], name: str, where: Path) -> GraphSpec:
+    try:
+        g = manifest["graphs"][name]
+        return GraphSpec(file=g["file"], data=g.get("data"), inputs=tuple(g["inputs"]), outputs=tuple(g["outputs"]),
+                         dims={k: (int(lo), int(hi)) for k, (lo, hi) in g["dims"].items()})
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{where}: graph entry {name!r} is incomplete ({e!r})") from None
+
+
+def _verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]], hashes: bool) -> None:
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(f"{path}: {size} bytes, {MANIFEST} records {entry['bytes']}: the file was altered")
+        if hashes and sha256_file(path) != entry["sha256"]:
+            raise BundleError(f"{path}: sha256 differs from {MANIFEST}: the file was altered")
+
+
+def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
+    """Open a bundle directory and check it: format version, manifest digest, every file's size and sha256.
+
+    ``verify_hashes=False`` checks presence and sizes only (hashing the 3B model's graphs
+    reads every byte once, several seconds on an edge device).
+    """
+    directory = Path(path)
+    manifest = _read_manifest(directory)
+    where = directory / MANIFEST
+    try:
+        files = manifest["files"]
+        config = RexOmniConfig.from_dict(manifest["config"])
+        precision, flavour = manifest["precision"], manifest["flavour"]
+    except KeyError as e:
+        raise BundleError(f"{where}: missing entry {e}") from None
+    except ConfigError as e:
+        raise BundleError(f"{where}: config: {e}") from None
+    if precision not in PRECISIONS:
+        raise BundleError(f"{where}: precision {precision!r}, expected one of {PRECISIONS}")
+    vision, decoder = _graph(manifest, "vision", where), _graph(manifest, "decoder", where)
+    needed = [vision.file, decoder.file, manifest["head"]["file"], "tokenizer.json"]
+    needed += [g.data for g in (vision, decoder) if g.data]
+    unlisted = [n for n in needed if n not in files]
+    if unlisted:
+        raise BundleError(f"{where}: {', '.join(unlisted)} not listed under 'files'")
+    _verify_files(directory, files, verify_hashes)
+    return Bundle(directory, manifest, config, precision, flavour, vision, decoder)

@@ -1,0 +1,159 @@
+"""The output head on the host (numpy), restricted to the rows the grammar allows.
+
+logits = E[rows] @ hidden, with E the tied embedding [vocab, H]. In structured decoding a
+coordinate step multiplies 1,000 rows instead of the whole vocabulary (151,936 for the
+real model); on a CPU that product is most of a small model's decode step, so the
+restriction is the main saving. Everything per token runs in pre-allocated buffers.
+
+Choosing a token (`choose`) follows transformers' order of logits processors:
+repetition penalty (divide positive logits of seen tokens, multiply negative ones),
+then, when sampling, temperature, top-k and top-p. The confidence returned with the
+token is its probability under the softmax over the allowed rows after the penalty
+(temperature 1): with the 1,000 coordinate rows that is the box-coordinate confidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Generation settings of the official wrapper; temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0              # 0: off
+    repetition_penalty: float = 1.05
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+class Chooser:
+    """Penalty + greedy / sampling over a logits vector, in place, without allocating.
+
+    `seen` is a per-sequence record of every token id in the prompt and the output.
+    """
+
+    def __init__(self, vocab_size: int, sampling: Sampling) -> None:
+        self.sampling = sampling
+        self.seen = np.zeros(vocab_size, dtype=bool)
+        self._rng = np.random.default_rng(sampling.seed)
+        self._mask = np.empty(vocab_size, dtype=bool)
+        self._mask2 = np.empty(vocab_size, dtype=bool)
+        self._scratch = np.empty(vocab_size, dtype=np.float32)
+
+    def reset(self, prompt_ids: np.ndarray) -> None:
+        self.seen[:] = False
+        self.seen[prompt_ids] = True
+
+    def observe(self, token_id: int) -> None:
+        self.seen[token_id] = True
+
+    def penalize(self, logits: np.ndarray, seen: np.ndarray) -> None:
+        """Apply the repetition penalty to `logits` in place (seen: the same rows' record)."""
+        p = self.sampling.repetition_penalty
+        if p == 1.0:
+            return
+        n = logits.shape[0]
+        positive, negative = self._mask[:n], self._mask2[:n]
+        np.greater(logits, 0, out=positive)
+        np.logical_not(positive, out=negative)
+        np.logical_and(positive, seen, out=positive)
+        np.logical_and(negative, seen, out=negative)
+        np.divide(logits, p, out=logits, where=positive)
+        np.multiply(logits, p, out=logits, where=negative)
+
+    def choose(self, logits: np.ndarray) -> tuple[int, float]:
+        """Index into `logits` (already penalized) and its softmax probability."""
+        n = logits.shape[0]
+        probs = self._scratch[:n]
+        top = float(logits.max())
+        np.subtract(logits, top, out=probs)
+        np.exp(probs, out=probs)
+        total = float(probs.sum())
+        if self.sampling.temperature == 0.0:
+            index = int(logits.argmax())
+        else:
+            index = self._sample(logits)
+        return index, float(probs[index]) / total
+
+    def _sample(self, logits: np.ndarray) -> int:
+        s = self.sampling
+        scaled = logits.astype(np.float64) / s.temperature
+        if s.top_k and s.top_k < scaled.shape[0]:
+            kth = np.partition(scaled, -s.top_k)[-s.top_k]
+            scaled[scaled < kth] = -np.inf
+        scaled -= scaled.max()
+        probs = np.exp(scaled)
+        probs /= probs.sum()
+        if s.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            cut = int(np.searchsorted(cumulative, s.top_p)) + 1
+            keep = np.zeros_like(probs, dtype=bool)
+            keep[order[:cut]] = True
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum()
+        return int(self._rng.choice(probs.shape[0], p=probs))
+
+
+class NumpyHead:
+    """Logits of allowed rows of the tied embedding, penalty, choice: one call per step."""
+
+    def __init__(self, embed_table: np.ndarray, sampling: Sampling) -> None:
+        if embed_table.ndim != 2:
+            raise ValueError(f"embed_table must be [vocab, hidden], got shape {embed_table.shape}")
+        self.table = embed_table
+        vocab = embed_table.shape[0]
+        self.chooser = Chooser(vocab, sampling)
+        self._logits = np.empty(vocab, dtype=np.float32)
+        self._extra_logits = np.empty(64, dtype=np.float32)
+
+    def reset(self, prompt_ids: np.ndarray) -> None:
+        self.chooser.reset(prompt_ids)
+
+    def observe(self, token_id: int) -> None:
+        self.chooser.observe(token_id)
+
+    def choose_full(self, hidden: np.ndarray) -> tuple[int, float]:
+        """Every row of the vocabulary (exact mode, and FREE steps)."""
+        logits = self._logits
+        np.dot(self.table, hidden, out=logits)
+        self.chooser.penalize(logits, self.chooser.seen)
+        return self.chooser.choose(logits)
+
+    def choose_range(self, hidden: np.ndarray, start: int, stop: int, extra: tuple[int, ...] = ()) -> tuple[int, float]:
+        """Rows start..stop-1 (the coordinate tokens), plus a few extra ids."""
+        n = stop - start
+        logits = self._logits[: n + len(extra)]
+        np.dot(self.table[start:stop], hidden, out=logits[:n])
+        self.chooser.penalize(logits[:n], self.chooser.seen[start:stop])
+        if extra:
+            tail = logits[n:]
+            for j, token in enumerate(extra):
+                tail[j] = self.table[token] @ hidden
+            self.chooser.penalize(tail, self.chooser.seen[list(extra)])
+        index, prob = self.chooser.choose(logits)
+        return (start + index if index < n else extra[index - n]), prob
+
+    def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]:
+        """A short list of ids (CHOICE steps)."""
+        logits = self._extra_logits[: len(ids)]
+        for j, token in enumerate(ids):
+            logits[j] = self.table[token] @ hidden
+        self.chooser.penalize(logits, self.chooser.seen[list(ids)])
+        index, prob = self.chooser.choose(logits)
+        return ids[index], prob
