@@ -23,17 +23,20 @@ setup(
     # rexedge itself is a namespace package (no __init__.py); each folder maps to one subpackage
     packages=[f"rexedge.{p}" for p in SUBPACKAGES],
     package_dir={f"rexedge.{p}": p for p in SUBPACKAGES},
-    package_data={"rexedge.runtime": ["assets/*", "assets/**/*"]},
+    package_data={"rexedge.runtime": ["assets/*", "assets/**/*"], "rexedge.export": ["trt_onnx_ops.json"]},
     ext_modules=[
         Extension("rexedge.runtime._grammar", sources=["runtime/_grammar.c"], extra_compile_args=warnings),
     ],
     install_requires=["numpy", "onnxruntime", "tokenizers", "pillow", "tqdm"],
     extras_require={
-        "export": [TORCH, "onnx", "safetensors"],
+        "export": [TORCH, "onnx", "safetensors>=0.8"],
         "kernels": [TORCH, "triton"],
         "tensorrt": ["tensorrt", "cuda-python"],
         "video": ["opencv-python-headless"],
-        "dev": [TORCH, "onnx", "safetensors", "transformers", "pytest", "pytest-benchmark", "hypothesis"],
+        # rexedge calibrate: onnxruntime's quantization tools need onnx (no torch)
+        "int8": ["onnx"],
+        "dev": [TORCH, "onnx", "safetensors>=0.8", "triton", "transformers", "pytest", "pytest-benchmark", "hypothesis",
+                "opencv-python-headless", "pycocotools", "matplotlib"],
     },
     entry_points={"console_scripts": ["rexedge = rexedge.runtime.cli:main"]},
 )

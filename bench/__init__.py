@@ -1,1 +1,3 @@
-"""Benchmark harness, baselines and scenarios (arrives with the benchmarks issue)."""
+"""Benchmarks: the ``rexedge bench`` harness (scenarios, forced answers, baselines, reports) and micro-benchmarks.
+
+See bench/README.md for the commands, the metrics and the JSON schema."""

@@ -1,1 +1,1 @@
-"""Calibration sets and INT8 quantization (arrives with the TensorRT issue)."""
+"""INT8 for bundles: calibration sets (dataset), explicit Q/DQ quantization (quantize), INT8 vs FP32 agreement (quality)."""

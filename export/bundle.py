@@ -26,9 +26,11 @@ from onnx import TensorProto
 
 from rexedge.export.checkpoint import EMBED, expected_tensor_shapes, iter_checkpoint_tensors, open_checkpoint
 from rexedge.export.config import RexOmniConfig
-from rexedge.export.onnx_decoder import BATCH, FLAVOURS, KV_CAPACITY, TOKENS, build_decoder_graph
+from rexedge.export.onnx_decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRESENT, TOKENS, build_decoder_graph
 from rexedge.export.onnx_graph import ExternalData
 from rexedge.export.onnx_vision import MERGED, PATCHES, WINDOWS, build_vision_graph
+from rexedge.export.profiles import decoder_profiles, vision_profiles
+from rexedge.runtime.backends.base import DEFAULT_MAX_CONTEXT
 from rexedge.runtime.bundle import (
     DIGEST_KEY,
     FORMAT,
@@ -70,16 +72,24 @@ def _max_windows(cfg: RexOmniConfig, max_merged: int) -> int:
     return max(math.ceil(h / w) * math.ceil((max_merged // h) / w) for h in range(1, max_merged + 1))
 
 
-def _dim_ranges(cfg: RexOmniConfig) -> dict[str, dict[str, tuple[int, int]]]:
+def _dim_ranges(cfg: RexOmniConfig, flavour: str) -> dict[str, dict[str, tuple[int, int]]]:
     per_patch = cfg.patch_size ** 2
     min_patches, max_patches = MIN_PIXELS // per_patch, MAX_PIXELS // per_patch
     max_merged = max_patches // cfg.merge_unit
+    longest = cfg.max_position_embeddings
+    cache = ({PAST: (0, longest - 1), PRESENT: (1, longest)} if flavour == "trt" else {KV_CAPACITY: (1, longest)})
     return {
         "vision": {PATCHES: (min_patches, max_patches), MERGED: (min_patches // cfg.merge_unit, max_merged),
                    WINDOWS: (1, _max_windows(cfg, max_merged))},
-        "decoder": {BATCH: (1, 1), TOKENS: (1, cfg.max_position_embeddings),
-                    KV_CAPACITY: (1, cfg.max_position_embeddings)},
+        "decoder": {BATCH: (1, 1), TOKENS: (1, longest), **cache},
     }
+
+
+def _trt_profiles(cfg: RexOmniConfig, key: str, graph: dict[str, Any]) -> list[dict[str, Any]]:
+    """TensorRT optimization profiles of a trt-flavour bundle's graph (see :mod:`rexedge.export.profiles`)."""
+    if key == "vision":
+        return vision_profiles(cfg, graph["inputs"], graph["dims"])
+    return decoder_profiles(graph["inputs"], min(DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings))
 
 
 def _describe(values: Iterable[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
@@ -160,7 +170,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         decoder_data.close()
 
         graphs = {}
-        dims = _dim_ranges(cfg)
+        dims = _dim_ranges(cfg, flavour)
         for key, file, data, build in (
             ("vision", VISION_FILE, vision_data, lambda: build_vision_graph(cfg, vision_data.tensors, precision)),
             ("decoder", DECODER_FILE, decoder_data,
@@ -172,6 +182,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
             onnx.save(model, staging / file)
             graphs[key] = {"file": file, "data": data.path.name, "inputs": _describe(model.graph.input),
                            "outputs": _describe(model.graph.output), "dims": dims[key]}
+            if flavour == "trt":
+                graphs[key]["profiles"] = _trt_profiles(cfg, key, graphs[key])
         tokenizer.save(staging / TOKENIZER_FILE)
 
         if progress:
@@ -204,7 +216,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
 
 
 def export_command(args: Any) -> None:
-    """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort] [--quiet]``."""
+    """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--quiet]``."""
     path = export_bundle(args.checkpoint, args.out, precision=args.dtype, flavour=args.flavour,
                          progress=not args.quiet)
     size = sum(p.stat().st_size for p in path.iterdir())

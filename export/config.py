@@ -245,6 +245,24 @@ class RexOmniConfig:
 
 PRESETS: dict[str, RexOmniConfig] = {
     "rex-omni-3b": RexOmniConfig(),
+    # The real architecture and vocabulary (151,936 rows, the real token ids) at a size a
+    # CPU decodes in tens of ms per token: 210M parameters, of which 117M are the tied
+    # embedding, so the full head dominates a step as it does on small devices. For benchmarks.
+    "cpu-bench": RexOmniConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=8192,
+        vision_depth=8,
+        vision_hidden_size=384,
+        vision_num_heads=6,
+        vision_intermediate_size=1024,
+        vision_out_hidden_size=768,
+        fullatt_block_indexes=(3, 7),
+        torch_dtype="float32",
+    ),
     # Same architecture, test-sized. The vocabulary is a small synthetic byte-level BPE
     # (rexedge.export.tiny_tokenizer) laid out like the real one: ordinary tokens 0..1999
     # of which the last 1,000 (1000..1999) are re-used as <0>..<999>, then the 22 Qwen

@@ -17,7 +17,12 @@ Flavours differ only in how attention and the KV cache are expressed:
   ``seqlens_k`` = total length - 1 (the index of the last valid key, per the operator's
   contract; checked for appends of T > 1 too) and ``total_sequence_length`` = cache
   length + T.
-A TensorRT flavour (standard ops, KV in and returned) plugs in as another ``_Flavour``.
+- ``trt``: standard ONNX operators only (what TensorRT's ONNX parser takes without
+  plugins; see :mod:`rexedge.export.trt_ops`). TensorRT has no in-place cache without a
+  plugin, so each layer's cache goes in as ``past_key_i`` [B, KVH, P, D] and comes back
+  as ``present_key_i`` [B, KVH, P+T, D] (Concat). Attention is grouped without copying
+  keys per query head: q is viewed as [B, KVH, G, T, D] against keys [B, KVH, 1, D, P+T],
+  scores and softmax in float32, causal mask from P and T (Range / Greater / Where).
 """
 
 from __future__ import annotations
@@ -43,14 +48,16 @@ from rexedge.export.onnx_graph import (
 
 # symbolic dimension names, shared with the manifest's shape ranges
 BATCH, TOKENS, KV_CAPACITY = "batch", "tokens", "kv_capacity"
+PAST, PRESENT = "past_length", "present_length"  # trt flavour: cache in (P) and out (P + T)
 
 
 @dataclass(frozen=True)
 class _Flavour:
     name: str
     declare_cache: Callable[[GraphBuilder, RexOmniConfig, int], None]
-    attention: Callable[[GraphBuilder, RexOmniConfig, int, str, str, str], str]
+    attention: Callable[[GraphBuilder, RexOmniConfig, int, str, str, str, int], str]
     extra_opsets: tuple[tuple[str, int], ...]
+    present_length: str  # the symbolic length of the present_* outputs
 
 
 def _ort_declare_cache(g: GraphBuilder, cfg: RexOmniConfig, kv_type: int) -> None:
@@ -62,7 +69,7 @@ def _ort_declare_cache(g: GraphBuilder, cfg: RexOmniConfig, kv_type: int) -> Non
         g.input(f"past_value_{i}", kv_type, shape)
 
 
-def _ort_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: str, v: str) -> str:
+def _ort_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: str, v: str, elem: int) -> str:
     """q [B,T,NH*D], k/v [B,T,KVH*D] (rotary applied) -> attention output [B,T,NH*D]."""
     out, _, _ = g.op(
         "GroupQueryAttention", q, k, v, f"past_key_{layer}", f"past_value_{layer}",
@@ -74,8 +81,57 @@ def _ort_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: s
     return out
 
 
+def _trt_declare_cache(g: GraphBuilder, cfg: RexOmniConfig, kv_type: int) -> None:
+    shape = [BATCH, cfg.num_key_value_heads, PAST, cfg.head_dim]
+    for i in range(cfg.num_hidden_layers):
+        g.input(f"past_key_{i}", kv_type, shape)
+        g.input(f"past_value_{i}", kv_type, shape)
+    _trt_causal_mask(g)
+
+
+_MASK = "causal_mask"
+
+
+def _trt_causal_mask(g: GraphBuilder) -> None:
+    """``causal_mask`` [T, P+T] bool, true where key j lies after query t (j > P + t); once per forward."""
+    past = g.op("Gather", g.op("Shape", "past_key_0"), g.const(2, dtype=np.int64), axis=0, hint="past_len")
+    tokens = g.op("Gather", g.op("Shape", "inputs_embeds"), g.const(1, dtype=np.int64), axis=0, hint="new_len")
+    one = g.const(1, dtype=np.int64)
+    keys = g.op("Range", g.const(0, dtype=np.int64), g.op("Add", past, tokens), one, hint="key_pos")
+    queries = g.op("Range", past, g.op("Add", past, tokens), one, hint="query_pos")
+    g.op("Greater", g.op("Unsqueeze", keys, g.const([0], dtype=np.int64)),
+         g.op("Unsqueeze", queries, g.const([1], dtype=np.int64)), outputs=[_MASK])
+
+
+def _trt_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: str, v: str, elem: int) -> str:
+    """q [B,T,NH*D], k/v [B,T,KVH*D] (rotary applied) -> attention output [B,T,NH*D]; appends to the cache."""
+    kvh, d, groups = cfg.num_key_value_heads, cfg.head_dim, cfg.num_kv_groups
+    kv_shape = g.const([0, 0, kvh, d], dtype=np.int64)
+    new_k = g.op("Transpose", g.op("Reshape", k, kv_shape), perm=[0, 2, 1, 3])  # [B,KVH,T,D]
+    new_v = g.op("Transpose", g.op("Reshape", v, kv_shape), perm=[0, 2, 1, 3])
+    keys = g.op("Concat", f"past_key_{layer}", new_k, axis=2, outputs=[f"present_key_{layer}"])
+    values = g.op("Concat", f"past_value_{layer}", new_v, axis=2, outputs=[f"present_value_{layer}"])
+    # query head h = kv_head * G + g reads kv head h // G (repeat_kv order)
+    qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kvh, groups, d], dtype=np.int64)),
+              perm=[0, 2, 3, 1, 4])  # [B,KVH,G,T,D]
+    axis2 = g.const([2], dtype=np.int64)
+    kt = g.op("Unsqueeze", g.op("Transpose", keys, perm=[0, 1, 3, 2]), axis2)  # [B,KVH,1,D,S]
+    scores = g.op("MatMul", qg, kt, hint="scores")  # [B,KVH,G,T,S]
+    if elem == TensorProto.FLOAT16:
+        scores = g.op("Cast", scores, to=TensorProto.FLOAT)
+    scores = g.op("Mul", scores, g.const(np.float32(d ** -0.5)), hint="scaled")
+    scores = g.op("Where", _MASK, g.const(np.float32(-np.inf)), scores, hint="masked")
+    probs = g.op("Softmax", scores, axis=-1)
+    if elem == TensorProto.FLOAT16:
+        probs = g.op("Cast", probs, to=TensorProto.FLOAT16)
+    context = g.op("MatMul", probs, g.op("Unsqueeze", values, axis2), hint="context")  # [B,KVH,G,T,D]
+    context = g.op("Transpose", context, perm=[0, 3, 1, 2, 4])  # [B,T,KVH,G,D]
+    return g.op("Reshape", context, g.const([0, 0, -1], dtype=np.int64), hint=f"attn_{layer}")
+
+
 FLAVOURS: dict[str, _Flavour] = {
-    "ort": _Flavour("ort", _ort_declare_cache, _ort_attention, ((MS_DOMAIN, 1),)),
+    "ort": _Flavour("ort", _ort_declare_cache, _ort_attention, ((MS_DOMAIN, 1),), KV_CAPACITY),
+    "trt": _Flavour("trt", _trt_declare_cache, _trt_attention, (), PRESENT),
 }
 
 
@@ -129,7 +185,7 @@ def build_decoder_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto]
         v = linear(g, h, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias")
         q = g.op("Reshape", rotate(g, q, cos, sin_signed, d), flat_shape)
         k = g.op("Reshape", rotate(g, k, cos, sin_signed, d), flat_shape)
-        attn = fl.attention(g, cfg, i, q, k, v)
+        attn = fl.attention(g, cfg, i, q, k, v, elem)
         x = g.op("Add", x, linear(g, attn, p + "self_attn.o_proj.weight"), hint="residual")
         h = rms_norm(g, x, p + "post_attention_layernorm.weight", cfg.rms_norm_eps, fp16)
         gate = silu(g, linear(g, h, p + "mlp.gate_proj.weight"))
@@ -139,7 +195,7 @@ def build_decoder_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto]
     if fp16:
         hidden = g.op("Cast", hidden, to=TensorProto.FLOAT)
     g.output(hidden, "hidden_states", TensorProto.FLOAT, [BATCH, TOKENS, cfg.hidden_size])
-    kv_out_shape = [BATCH, kvh, KV_CAPACITY, d]
+    kv_out_shape = [BATCH, kvh, fl.present_length, d]
     for i in range(cfg.num_hidden_layers):
         g.output(f"present_key_{i}", f"present_key_{i}", elem, kv_out_shape)
         g.output(f"present_value_{i}", f"present_value_{i}", elem, kv_out_shape)

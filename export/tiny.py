@@ -14,10 +14,11 @@ and MLP outputs, which depend on the whole context, decide the next token. Embed
 that no token of the tokenizer uses (the padding rows) are zero, so greedy decoding only
 produces ids the tokenizer can decode.
 
-The synthetic tokenizer is the same for every preset; only the "tiny" preset's config
-uses its ids (image 2012, <|im_end|> 2002, ...). A "rex-omni-3b" directory has the real
-shapes and is meant for loading and memory measurements, not for prompting (its embedding
-rows past the synthetic tokenizer's 2,022 ids are zero).
+The synthetic tokenizer takes the layout the preset's config ids imply (its
+<|image_pad|> id is the 13th special): the "tiny" layout (coordinates 1000..1999,
+specials from 2000) for "tiny", the real layout (coordinates 150643..151642, specials
+from 151643) for the presets of the real vocabulary ("rex-omni-3b", "cpu-bench"), so
+those checkpoints can be prompted with the real token ids.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 from rexedge.export.checkpoint import (
     EMBED, HEAD, INDEX_FILE, TORCH_DTYPES, expected_tensor_shapes)
 from rexedge.export.config import RexOmniConfig
-from rexedge.export.tiny_tokenizer import write_tiny_tokenizer
+from rexedge.export.tiny_tokenizer import QWEN_SPECIAL_TOKENS, write_tiny_tokenizer
 from rexedge.runtime.errors import RexEdgeError
 
 # the published Rex-Omni image processor limits: 16 and 2560 merged tokens of 28x28 px
@@ -207,7 +208,7 @@ def write_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, 
 
     _clear_previous_checkpoint(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_tiny_tokenizer(out)
+    write_tiny_tokenizer(out, num_ordinary=cfg.image_token_id - QWEN_SPECIAL_TOKENS.index("<|image_pad|>"))
     _write_json(out / "config.json", cfg.to_hf_dict())
     _write_shards(out, tiny_tensors(cfg, seed, torch_dtype, tokenizer_size(out)), total_bytes, shard_max_bytes)
     _write_json(out / "preprocessor_config.json", preprocessor_config())

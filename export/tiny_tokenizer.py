@@ -11,6 +11,12 @@ tokenizer.json) for the "tiny" preset's 2,048-row vocabulary:
   ids to "<i>" (special: false), as Rex-Omni did with the last 1,000 ordinary tokens;
 - ids 2000..2021: the 22 Qwen special tokens in their real order (special: true);
   2022..2047 are padding rows of the embedding and have no token.
+
+With ``num_ordinary=REAL_NUM_ORDINARY`` (151,643) the same tokenizer takes the real
+vocabulary's layout, so that checkpoints of the real vocabulary size (151,936 rows) get the
+real ids: the 2,000 trained tokens, then filler tokens up to id 151,642 (byte strings no
+merge produces, so plain text never encodes to them), of which the last 1,000
+(150643..151642) are re-used as "<0>".."<999>", and the 22 specials from 151643.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ from rexedge.runtime.prompts import DEFAULT_SYSTEM_PROMPT, KEYPOINT_NAMES, build
 from rexedge.runtime.tokenizer import NUM_COORDS, coord_text, qwen2_pre_tokenizer
 
 NUM_ORDINARY = 2000
+# the real Qwen2.5 vocabulary: ordinary ids 0..151642, <|endoftext|> at 151643
+REAL_NUM_ORDINARY = 151643
+# filler tokens are two tab bytes and a number: the corpus has no tabs, so no merge reaches them
+_FILLER_PREFIX = "\u0109\u0109"
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -57,26 +67,33 @@ SYLLABLES = (
 )  # fmt: skip
 
 
-def write_tiny_tokenizer(out_dir: Path) -> None:
-    """Write vocab.json, merges.txt and tokenizer_config.json into ``out_dir`` (created if needed)."""
+def write_tiny_tokenizer(out_dir: Path, num_ordinary: int = NUM_ORDINARY) -> None:
+    """Write vocab.json, merges.txt and tokenizer_config.json into ``out_dir`` (created if needed).
+
+    ``num_ordinary``: ordinary ids before the specials; the last 1,000 of them are the
+    coordinate tokens (2,000 for "tiny", ``REAL_NUM_ORDINARY`` for the real layout)."""
+    if num_ordinary < NUM_ORDINARY:
+        raise ValueError(f"num_ordinary must be at least {NUM_ORDINARY}, got {num_ordinary}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab, merges = _train_byte_level_bpe(_corpus(), NUM_ORDINARY)
+    vocab.update({f"{_FILLER_PREFIX}{i}": i for i in range(NUM_ORDINARY, num_ordinary)})
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out_dir / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
     )
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2), encoding="utf-8")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(num_ordinary), indent=2),
+                                                   encoding="utf-8")
 
 
-def _tokenizer_config() -> dict:
+def _tokenizer_config(num_ordinary: int) -> dict:
     def entry(content: str, special: bool) -> dict:
         return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
                 "single_word": False, "special": special}  # fmt: skip
 
-    first_coord = NUM_ORDINARY - NUM_COORDS
+    first_coord = num_ordinary - NUM_COORDS
     decoder = {str(first_coord + i): entry(coord_text(i), False) for i in range(NUM_COORDS)}
-    decoder.update({str(NUM_ORDINARY + i): entry(text, True) for i, text in enumerate(QWEN_SPECIAL_TOKENS)})
+    decoder.update({str(num_ordinary + i): entry(text, True) for i, text in enumerate(QWEN_SPECIAL_TOKENS)})
     return {
         "add_bos_token": False,
         "add_prefix_space": False,

@@ -55,7 +55,7 @@ typedef struct {
     PyObject *phrase_ids; /* tuple built on the group's first event; NULL before */
 
     /* next() results, one per state, built at construction */
-    PyObject *next_free, *next_done, *next_open, *next_after_group, *next_after_geom, *next_coord,
+    PyObject *next_free, *next_phrase, *next_done, *next_open, *next_after_group, *next_after_geom, *next_coord,
         *next_coord_or_none, *next_coord_or_close, *next_close_phrase, *next_box_start, *next_sep_space,
         *next_sep_open;
     PyObject *next_none_rest[MAX_NONE_IDS + 1]; /* indexed by ids of "None" seen so far */
@@ -108,6 +108,7 @@ static int build_next_table(GrammarCore *g, PyObject *const *kinds) {
     long long none_rest[MAX_NONE_IDS + 1];
 
     g->next_free = make_next(kinds[KIND_FREE], NULL, 0);
+    g->next_phrase = make_next(kinds[KIND_FREE], &g->object_ref_end, 1);
     g->next_done = make_next(kinds[KIND_DONE], NULL, 0);
     g->next_open = make_next(kinds[KIND_CHOICE], open, 2);
     g->next_after_group = make_next(kinds[KIND_CHOICE], after_group, 2);
@@ -119,7 +120,7 @@ static int build_next_table(GrammarCore *g, PyObject *const *kinds) {
     g->next_box_start = make_next(kinds[KIND_FORCED], &g->box_start, 1);
     g->next_sep_space = make_next(kinds[KIND_FORCED], sep_space, 2);
     g->next_sep_open = make_next(kinds[KIND_FORCED], &g->object_ref_start, 1);
-    if (!g->next_free || !g->next_done || !g->next_open || !g->next_after_group || !g->next_after_geom ||
+    if (!g->next_free || !g->next_phrase || !g->next_done || !g->next_open || !g->next_after_group || !g->next_after_geom ||
         !g->next_coord || !g->next_coord_or_none || !g->next_coord_or_close || !g->next_close_phrase ||
         !g->next_box_start || !g->next_sep_space || !g->next_sep_open)
         return -1;
@@ -169,6 +170,7 @@ static void core_dealloc(PyObject *op) {
     PyMem_Free(g->bins);
     Py_XDECREF(g->phrase_ids);
     Py_XDECREF(g->next_free);
+    Py_XDECREF(g->next_phrase);
     Py_XDECREF(g->next_done);
     Py_XDECREF(g->next_open);
     Py_XDECREF(g->next_after_group);
@@ -273,7 +275,7 @@ static PyObject *core_next(PyObject *op, PyObject *unused) {
     switch (g->state) {
     case S_START:
     case S_SKIP: result = g->next_open; break;
-    case S_PHRASE: result = g->phrase_len >= g->max_phrase_ids ? g->next_close_phrase : g->next_free; break;
+    case S_PHRASE: result = g->phrase_len >= g->max_phrase_ids ? g->next_close_phrase : g->next_phrase; break;
     case S_TEXT: result = g->next_free; break;
     case S_AFTER_PHRASE: result = g->next_box_start; break;
     case S_PAYLOAD_START: result = g->next_coord_or_none; break;

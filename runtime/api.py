@@ -11,25 +11,45 @@ Each result dictionary has the official wrapper's keys (``success``, ``image_siz
 ``inference_time``, ``num_output_tokens``, ``num_prompt_tokens``, ``generation_time``,
 ``tokens_per_second``) plus ``output_token_ids``, ``detections``, ``absent`` (phrases
 answered "None"), ``stop_reason`` and ``timings`` (seconds per stage).
+
+``constrain_phrases=True`` (structured decoding, detection and pointing): each phrase is
+one of the requested categories, chosen among their tokens (``rexedge.runtime.phrases``);
+by default phrases are free text, as the model writes them.
+
+Pipelines on top (docs/pipelines.md): ``model.stream(source, ...)`` yields results frame by
+frame from a video file, camera, URL or iterable of frames (``rexedge.runtime.stream``);
+``model.batch(inputs, out, ...)`` runs a folder, glob or list of images to resumable JSONL
+and COCO (``rexedge.runtime.batch``). Both split each request with ``prepare`` (host side,
+on a worker thread) and ``run`` (the backend), so the next image is prepared while the
+current one decodes.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from rexedge.runtime.backends import load_backend
-from rexedge.runtime.grammar import make_grammar
-from rexedge.runtime.head import NumpyHead, Sampling
+from rexedge.runtime.grammar import Grammar, make_grammar
+from rexedge.runtime.head import Sampling
 from rexedge.runtime.loop import DecodeLoop, Limits
 from rexedge.runtime.parse import parse_prediction
+from rexedge.runtime.phrases import PhraseTable, phrase_table
 from rexedge.runtime.positions import rope_positions
-from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, preprocess
-from rexedge.runtime.prompts import DEFAULT_SYSTEM_PROMPT, build_task_prompt, encode_prompt
+from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
+from rexedge.runtime.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt, build_task_prompt, encode_prompt
 from rexedge.runtime.errors import RexEdgeError
+
+# tasks whose phrases name a requested category (OCR phrases are recognized text)
+PHRASE_CONSTRAINED_TASKS = ("detection", "pointing")
+
+if TYPE_CHECKING:
+    from rexedge.runtime.batch import BatchSummary
+    from rexedge.runtime.stream import FrameStream
 
 
 class RexOmni:
@@ -51,6 +71,7 @@ class RexOmni:
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_boxes: int = 1000,
         seed: int | None = None,
+        constrain_phrases: bool = False,
         **backend_options: Any,
     ) -> None:
         self.backend = load_backend(backend, model_path, device=device, **backend_options)
@@ -62,7 +83,8 @@ class RexOmni:
         # The official wrapper samples only when temperature > 0; top_p / top_k apply then.
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k if temperature > 0 else 0,
                             repetition_penalty=repetition_penalty, seed=seed)
-        head = NumpyHead(self.backend.embed_table, sampling)
+        head = self.backend.make_head(sampling)
+        self.constrain_phrases = constrain_phrases
         self.loop = DecodeLoop(self.backend, head, self.ids, mode=decoding,
                                limits=Limits(max_new_tokens=max_tokens, max_boxes=max_boxes))
 
@@ -90,6 +112,17 @@ class RexOmni:
 
     def _one(self, image: ImageInput, task: str, categories: Any, keypoint_type: str | None,
              visual_prompt_boxes: Any, channel_order: str) -> dict[str, Any]:
+        return self.run(self.prepare(image, task, categories, keypoint_type, visual_prompt_boxes, channel_order))
+
+    def prepare(self, image: ImageInput, task: str = "detection", categories: Any = None,
+                keypoint_type: str | None = None, visual_prompt_boxes: Any = None,
+                channel_order: str = "rgb") -> PreparedRequest:
+        """The host-side half of one request (preprocess, prompt, positions, grammar); no backend call.
+
+        Safe to run on another thread while ``run`` decodes the previous request: pipelines
+        (``stream``, ``batch``) prepare the next image this way. Each prepared request holds
+        a fresh grammar and is ``run`` once.
+        """
         cfg, ids = self.config, self.ids
         t0 = time.perf_counter()
         pre = preprocess(image, self.min_pixels, self.max_pixels, cfg=cfg, channel_order=channel_order)
@@ -101,26 +134,38 @@ class RexOmni:
                                f"{self.backend.max_context}; lower max_pixels or raise max_context")
         positions, rope_delta = rope_positions(prompt_ids, ids.image_pad, ids.vision_start, pre.merged_grid_hw)
         grammar = make_grammar(task, ids, pre.image_size, decode=self.tokenizer.decode)
+        phrases = None
+        if self.constrain_phrases and task in PHRASE_CONSTRAINED_TASKS:
+            names = [categories] if isinstance(categories, str) else list(categories)
+            phrases = phrase_table([self.tokenizer.encode_text(name) for name in names], ids.object_ref_end)
+        return PreparedRequest(task, pre, task_prompt, prompt_ids, positions, rope_delta, grammar,
+                               time.perf_counter() - t0, phrases)
+
+    def run(self, prepared: PreparedRequest) -> dict[str, Any]:
+        """The backend half: encode the image, decode, parse; one result dictionary."""
+        pre, grammar = prepared.image, prepared.grammar
         t1 = time.perf_counter()
         image_embeds = self.backend.encode_image(pre)
         t2 = time.perf_counter()
-        gen = self.loop.run(prompt_ids, image_embeds, positions, rope_delta, grammar)
+        gen = self.loop.run(prepared.prompt_ids, image_embeds, prepared.positions, prepared.rope_delta, grammar,
+                            prepared.phrases)
         raw_output = self.tokenizer.decode(gen.token_ids)
         width, height = pre.image_size
-        extracted = parse_prediction(raw_output, width, height, task)
-        total = time.perf_counter() - t0
+        extracted = parse_prediction(raw_output, width, height, prepared.task)
+        # preparation may have run ahead on another thread: count its own time, not the wait since
+        total = prepared.preprocess_s + time.perf_counter() - t1
         generation_time = gen.prefill_s + gen.decode_s
         return {
             "success": True,
             "image_size": pre.image_size,
             "resized_size": pre.resized_size,
-            "task": task,
-            "prompt": task_prompt.text,
+            "task": prepared.task,
+            "prompt": prepared.task_prompt.text,
             "raw_output": raw_output,
             "extracted_predictions": extracted,
             "inference_time": total,
             "num_output_tokens": len(gen.token_ids),
-            "num_prompt_tokens": len(prompt_ids),
+            "num_prompt_tokens": len(prepared.prompt_ids),
             "generation_time": generation_time,
             "tokens_per_second": len(gen.token_ids) / gen.decode_s if gen.decode_s > 0 else 0.0,
             "output_token_ids": gen.token_ids,
@@ -128,7 +173,7 @@ class RexOmni:
             "absent": grammar.absent,
             "stop_reason": gen.stop_reason,
             "timings": {
-                "preprocess_s": t1 - t0,
+                "preprocess_s": prepared.preprocess_s,
                 "vision_s": t2 - t1,
                 "prefill_s": gen.prefill_s,
                 "decode_s": gen.decode_s,
@@ -137,6 +182,42 @@ class RexOmni:
                 "steps": gen.steps,
             },
         }
+
+    def stream(self, source: Any, task: str = "detection", categories: Any = None,
+               keypoint_type: str | None = None, visual_prompt_boxes: Any = None, *, live: bool | None = None,
+               every: int = 1, channel_order: str | None = None, prepare_ahead: bool = True) -> FrameStream:
+        """Detections frame by frame from a video file, camera, URL / GStreamer pipeline or iterable of frames.
+
+        See ``rexedge.runtime.stream`` (sources, channel order, latest-frame-wins for live sources).
+        """
+        from rexedge.runtime.stream import FrameStream, open_source
+
+        request = dict(task=task, categories=categories, keypoint_type=keypoint_type,
+                       visual_prompt_boxes=visual_prompt_boxes)
+        return FrameStream(self, open_source(source, live=live, every=every, channel_order=channel_order),
+                           request, prepare_ahead=prepare_ahead)
+
+    def batch(self, inputs: Any, out: str | Path, task: str = "detection", categories: Any = None,
+              **options: Any) -> BatchSummary:
+        """Images from a folder, glob or list file to a resumable JSONL file; see ``rexedge.runtime.batch``."""
+        from rexedge.runtime.batch import run_batch
+
+        return run_batch(self, inputs, out, task=task, categories=categories, **options)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRequest:
+    """One request ready for the backend (``RexOmni.prepare``): everything but the model's work."""
+
+    task: str
+    image: PreprocessedImage
+    task_prompt: TaskPrompt
+    prompt_ids: np.ndarray
+    positions: np.ndarray
+    rope_delta: int
+    grammar: Grammar
+    preprocess_s: float
+    phrases: PhraseTable | None = None
 
 
 def _per_image_categories(categories: Any, n: int) -> list[Any]:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -36,7 +37,9 @@ FORMAT = "rexedge-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DIGEST_KEY = "manifest_sha256"
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16")  # what `rexedge export` writes
+# what `rexedge calibrate` writes from an fp32 bundle: Q/DQ graphs, float32 inputs, outputs and KV cache
+INT8 = "int8"
 
 _HASH_CHUNK = 1 << 22
 
@@ -160,6 +163,30 @@ def _verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]], hashe
             raise BundleError(f"{path}: sha256 differs from {MANIFEST}: the file was altered")
 
 
+def update_manifest(path: str | Path, updates: Mapping[str, Any], added_files: Iterable[str] = ()) -> dict[str, Any]:
+    """Set top-level manifest entries and list new files (sha256 and size) in a bundle; returns the new manifest.
+
+    The manifest is checked first (an altered one is refused, not re-signed), the digest is
+    recomputed over the result, and the file is replaced atomically: a reader sees the old
+    manifest or the new one, never half of one. Used to record engines built into a bundle.
+    """
+    directory = Path(path)
+    manifest = _read_manifest(directory)
+    manifest.update(json.loads(json.dumps(dict(updates))))  # tuples -> lists, as a reader will see them
+    files = dict(manifest["files"])
+    for name in added_files:
+        file = directory / name
+        if not file.is_file():
+            raise BundleError(f"{file}: cannot be listed in {MANIFEST}, it does not exist")
+        files[name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+    manifest["files"] = dict(sorted(files.items()))
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    staging = directory / (MANIFEST + ".partial")
+    staging.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    os.replace(staging, directory / MANIFEST)
+    return manifest
+
+
 def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     """Open a bundle directory and check it: format version, manifest digest, every file's size and sha256.
 
@@ -177,8 +204,8 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{where}: missing entry {e}") from None
     except ConfigError as e:
         raise BundleError(f"{where}: config: {e}") from None
-    if precision not in PRECISIONS:
-        raise BundleError(f"{where}: precision {precision!r}, expected one of {PRECISIONS}")
+    if precision not in (*PRECISIONS, INT8):
+        raise BundleError(f"{where}: precision {precision!r}, expected one of {(*PRECISIONS, INT8)}")
     vision, decoder = _graph(manifest, "vision", where), _graph(manifest, "decoder", where)
     needed = [vision.file, decoder.file, manifest["head"]["file"], "tokenizer.json"]
     needed += [g.data for g in (vision, decoder) if g.data]

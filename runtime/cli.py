@@ -33,11 +33,28 @@ def _export(args: argparse.Namespace) -> None:
     export_command(args)
 
 
+def _build(args: argparse.Namespace) -> None:
+    from rexedge.export.engine import build_command
+
+    build_command(args)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    try:
+        from rexedge.calib.quantize import calibrate_command
+    except ModuleNotFoundError as e:
+        raise RexEdgeError(f"calibrate needs {e.name}, which is not installed: pip install 'rexedge[int8]'") from None
+
+    calibrate_command(args)
+
+
 def _result_json(source: str, result: dict) -> dict:
     from rexedge.runtime.results import detections_to_json
 
-    keep = ("task", "image_size", "resized_size", "prompt", "raw_output", "extracted_predictions", "absent",
-            "stop_reason", "num_prompt_tokens", "num_output_tokens", "inference_time", "tokens_per_second", "timings")
+    # the official wrapper's keys (but the raw token ids), then rexedge's
+    keep = ("success", "task", "image_size", "resized_size", "prompt", "raw_output", "extracted_predictions", "absent",
+            "stop_reason", "num_prompt_tokens", "num_output_tokens", "inference_time", "generation_time",
+            "tokens_per_second", "timings")
     return {"image": source, **{k: result[k] for k in keep}, "detections": detections_to_json(result["detections"])}
 
 
@@ -47,21 +64,60 @@ def _annotate(image, result: dict, out: Path) -> None:
 
     # keypoint answers are parsed from the text; every other task has typed detections with scores
     drawn = result["extracted_predictions"] if result["task"] == "keypoint" else result["detections"]
-    draw_detections(load_image(image), drawn).save(out)
+    try:
+        draw_detections(load_image(image), drawn).save(out)
+    except OSError as e:
+        raise RexEdgeError(f"--annotate {out}: cannot write the image ({e})") from None
 
 
-def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_path) -> list[dict]:
-    from rexedge.runtime.api import RexOmni
-    from rexedge.runtime.prompts import parse_boxes, parse_categories
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that cannot be written before any image is run."""
+    for flag, path in (("--json", args.json), ("--annotate", args.annotate)):
+        if path and not Path(path).resolve().parent.is_dir():
+            raise RexEdgeError(f"{flag} {path}: the directory {Path(path).resolve().parent} does not exist")
+    if args.annotate:
+        from PIL import Image
 
-    model = RexOmni(model_path, backend=args.backend, device=args.device, decoding=args.decoding,
-                    max_tokens=args.max_new_tokens)
+        Image.init()
+        if Path(args.annotate).suffix.lower() not in Image.registered_extensions():
+            raise RexEdgeError(f"--annotate {args.annotate}: not an image file name Pillow can write "
+                               f"(expected e.g. .png or .jpg)")
+
+
+def _check_request(args: argparse.Namespace) -> tuple[list[str] | None, list[list[float]] | None]:
+    """Categories and boxes from the command line, with the task's needs checked once, before the model
+    loads (whether the boxes lie inside an image is checked per image)."""
+    from rexedge.runtime.prompts import PromptError, build_task_prompt, parse_boxes, parse_categories
+
     boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
     categories = parse_categories(args.categories) if args.categories is not None else None
-    records = []
+    if args.task == "visual_prompting":
+        if boxes is None:
+            raise PromptError("visual_prompting needs --visual-prompt-boxes 'x0,y0,x1,y1;...' (pixels)")
+    else:
+        build_task_prompt(args.task, categories, args.keypoint_type)
+    return categories, boxes
+
+
+def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_path) -> tuple[list[dict], list[str]]:
+    """One record per image and the failures; a bad image is recorded and the others still run."""
+    from rexedge.runtime.api import RexOmni
+
+    categories, boxes = _check_request(args)
+    _check_outputs(args)
+    model = RexOmni(model_path, backend=args.backend, device=args.device, decoding=args.decoding,
+                    max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
+    records, failures = [], []
     for index, (image, name) in enumerate(zip(images, names)):
-        [result] = model.inference(image, task=args.task, categories=categories, keypoint_type=args.keypoint_type,
-                                   visual_prompt_boxes=boxes)
+        try:
+            [result] = model.inference(image, task=args.task, categories=categories,
+                                       keypoint_type=args.keypoint_type, visual_prompt_boxes=boxes)
+        except RexEdgeError as e:
+            # errors about the file name it already; the others (e.g. a box outside it) get its name
+            message = str(e) if str(e).startswith(str(name)) else f"{name}: {e}"
+            records.append({"image": name, "success": False, "error": message})
+            failures.append(message)
+            continue
         records.append(_result_json(name, result))
         if args.annotate:
             out = Path(args.annotate)
@@ -69,20 +125,33 @@ def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_
                 out = out.with_name(f"{out.stem}_{index}{out.suffix}")
             _annotate(image, result, out)
             print(f"wrote {out}", file=sys.stderr)
-    return records
+    return records, failures
 
 
 def _emit(records: list[dict], json_out: str | None) -> None:
     text = json.dumps(records, indent=2)
     if json_out:
-        Path(json_out).write_text(text + "\n")
+        try:
+            Path(json_out).write_text(text + "\n")
+        except OSError as e:
+            raise RexEdgeError(f"--json {json_out}: cannot write ({e.strerror})") from None
         print(f"wrote {json_out}", file=sys.stderr)
     else:
         print(text)
 
 
+def _raise_failures(failures: list[str], total: int) -> None:
+    """After the results are out: a non-zero exit when any image failed, with every failure on one line."""
+    if len(failures) == 1 and total == 1:
+        raise RexEdgeError(failures[0])
+    if failures:
+        raise RexEdgeError(f"{len(failures)} of {total} images failed: {'; '.join(failures)}")
+
+
 def _detect(args: argparse.Namespace) -> None:
-    _emit(_run_detect(args.images, args.images, args, args.model), args.json)
+    records, failures = _run_detect(args.images, args.images, args, args.model)
+    _emit(records, args.json)
+    _raise_failures(failures, len(args.images))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -91,9 +160,43 @@ def _demo(args: argparse.Namespace) -> None:
     print("rexedge demo: the embedded default model has RANDOM weights (no trained default model ships yet); "
           "its detections show that the pipeline runs, not what Rex-Omni sees.", file=sys.stderr)
     args.task, args.categories, args.keypoint_type, args.visual_prompt_boxes = "detection", DEMO_CATEGORIES, None, None
-    args.decoding, args.device = "structured", "cpu"
-    records = _run_detect([str(DEMO_IMAGE)], [DEMO_IMAGE.name], args, DEMO_BUNDLE)
+    # a random model's free-text phrases are gibberish: name the boxes after the categories
+    args.decoding, args.device, args.constrain_phrases = "structured", "cpu", True
+    records, failures = _run_detect([str(DEMO_IMAGE)], [DEMO_IMAGE.name], args, DEMO_BUNDLE)
     _emit(records, args.json)
+    _raise_failures(failures, 1)
+
+
+def _video(args: argparse.Namespace) -> None:
+    from rexedge.runtime.video import video_command
+
+    video_command(args)
+
+
+def _batch(args: argparse.Namespace) -> None:
+    from rexedge.runtime.batch import batch_command
+
+    batch_command(args)
+
+
+def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    """Model and request options shared by the video and batch pipelines."""
+    p.add_argument("--model", required=True, help="bundle directory (ort) or checkpoint directory (torch)")
+    p.add_argument("--backend", default="ort", help="ort (default) or torch")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--task", default="detection")
+    p.add_argument("--categories", help="comma-separated categories")
+    p.add_argument("--keypoint-type", choices=["person", "animal"])
+    p.add_argument("--visual-prompt-boxes", help="boxes in pixels: 'x0,y0,x1,y1;x0,y0,x1,y1'")
+    p.add_argument("--decoding", choices=["structured", "exact"], default="structured")
+    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--out", required=True, metavar="RESULTS.jsonl", help="one JSON line per frame / image")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from rexedge.bench.harness import bench_command
+
+    bench_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +225,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint directory (published Rex-Omni layout)")
     p.add_argument("--out", required=True, help="bundle directory to write (must not exist, or be empty)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default: fp32)")
-    p.add_argument("--flavour", default="ort", help="decoder graph flavour (default: ort)")
+    p.add_argument("--flavour", default="ort", help="decoder graph flavour: ort (default) or trt (TensorRT)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_export)
+
+    p = sub.add_parser("build", help="build TensorRT engines for this GPU from a trt-flavour bundle")
+    p.add_argument("bundle", help="bundle directory (rexedge export --flavour trt)")
+    p.add_argument("--precision", choices=["fp16", "int8"], default="fp16", help="engine precision (default: fp16)")
+    p.add_argument("--calib", metavar="DIR", help="int8: the Q/DQ bundle written by `rexedge calibrate` from BUNDLE "
+                   "(its graphs are built and its manifest records the engines)")
+    p.add_argument("--workspace", type=float, metavar="GB", help="TensorRT workspace limit in GB (default: TensorRT's)")
+    p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache to read and update (faster rebuilds)")
+    p.add_argument("--device", default="cuda", help="cuda or cuda:N (default: cuda)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=_build)
+
+    p = sub.add_parser("calibrate", help="INT8: calibrate an fp32 bundle on your images and write Q/DQ graphs")
+    p.add_argument("bundle", help="fp32 bundle directory (rexedge export), any flavour")
+    p.add_argument("--images", required=True, metavar="DIR", help="directory of calibration images (like deployment)")
+    p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks whose prompts to mix (default: all tasks)")
+    p.add_argument("--num", type=int, default=16, help="calibration samples, an image with a task prompt (default: 16)")
+    p.add_argument("--steps", type=int, default=8, help="decode steps calibrated per sample (default: 8)")
+    p.add_argument("--max-pixels", type=int, default=2560 * 28 * 28, help="image size limit, as at inference")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task / category mix")
+    p.add_argument("--out", metavar="BUNDLE_INT8", help="int8 bundle to write (default: BUNDLE-int8)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=_calibrate)
 
     p = sub.add_parser("detect", help="run a task on images and print the results as JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -137,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-prompt-boxes", help="boxes in pixels: 'x0,y0,x1,y1;x0,y0,x1,y1'")
     p.add_argument("--decoding", choices=["structured", "exact"], default="structured")
     p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--constrain-phrases", action="store_true",
+                   help="structured detection/pointing: each phrase is one of the categories (default: free text)")
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of printing it")
     p.add_argument("--annotate", metavar="OUT.png", help="draw the results (one file per image: OUT_i.png)")
     p.set_defaults(handler=_detect)
@@ -146,6 +274,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of printing it")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(handler=_demo, backend="ort")
+
+    p = sub.add_parser("video", help="detections frame by frame from a video file, camera, URL or GStreamer pipeline")
+    p.add_argument("input", metavar="INPUT", help="video file, camera index (0, 1, ...), URL, or GStreamer pipeline")
+    _add_pipeline_options(p)
+    p.add_argument("--annotate", metavar="OUT.mp4", help="write the processed frames with the results drawn (.mp4/.avi)")
+    p.add_argument("--annotate-fps", type=float, help="frame rate of --annotate (default: the source's / --every; "
+                   "5 for live sources)")
+    p.add_argument("--every", type=int, default=1, metavar="N", help="process every N-th frame of a file")
+    p.add_argument("--live", action=argparse.BooleanOptionalAction, default=None,
+                   help="latest frame wins, stale frames are dropped (default: cameras, URLs and pipelines)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after N processed frames")
+    p.set_defaults(handler=_video)
+
+    p = sub.add_parser("batch", help="run a task on many images to resumable JSONL (and COCO) results")
+    p.add_argument("inputs", nargs="+", metavar="INPUTS", help="folders, globs, list files (.txt) or images")
+    _add_pipeline_options(p)
+    p.add_argument("--coco", metavar="OUT.json", help="also write the results in the COCO results format")
+    p.add_argument("--category-ids", metavar="MAP.json", help="{phrase: id} or a COCO annotation file (with --coco)")
+    p.add_argument("--image-ids", metavar="MAP.json",
+                   help="{file name: id} or a COCO annotation file (with --coco; default: numeric file names)")
+    p.set_defaults(handler=_batch)
+
+    p = sub.add_parser("bench", help="latency per stage and per token of backends against a baseline (JSON, table, plot)")
+    p.add_argument("--model", required=True, help="preset name (random weights made on the fly: tiny, cpu-bench, "
+                   "rex-omni-3b), checkpoint directory, or bundle directory (ort only)")
+    p.add_argument("--backend", nargs="+", default=["ort"], help="rexedge backends to run (default: ort)")
+    p.add_argument("--baseline", choices=["transformers"], help="also run the baseline; records get speedup_vs_baseline")
+    p.add_argument("--scenario", nargs="+", help="named scenarios (det-448, det-448-exact, det-896, det-1428x812, "
+                   "point-448) or WxH:N/K[:task][:exact] (N boxes over K categories); default: every named one")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per backend and scenario (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="bundle and baseline precision")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--json", metavar="OUT", help="write the JSON document here (schema: bench/README.md)")
+    p.add_argument("--plot", metavar="OUT.png", help="write a plot of latency per stage and per token")
+    p.set_defaults(handler=_bench)
     return parser
 
 

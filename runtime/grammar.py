@@ -16,7 +16,9 @@ Grammar (FACTS.md, "Output grammar")::
 ``next()`` returns ``(kind, ids)``, one tuple cached per state (nothing is allocated per
 token):
 
-- ``FREE, ()``: any token (phrase text; the whole keypoint answer).
+- ``FREE, ids``: phrase text: any token that is neither a coordinate nor a special
+  token, or one of ``ids`` (<|object_ref_end|>, which closes the phrase).
+- ``FREE, ()``: any token at all (the keypoint answer, whose JSON holds coordinates).
 - ``COORD, extra``: a coordinate token, or one of ``extra``: the first id of "None"
   right after <|box_start|>; "," and <|box_end|> once a polygon is closable.
 - ``CHOICE, ids``: exactly one of ``ids`` (e.g. "," or <|box_end|> after a complete box).
@@ -176,6 +178,7 @@ class ReferenceGrammarCore:
 
         free, coord, choice, forced, done = kinds
         self._next_free = (free, ())
+        self._next_phrase = (free, (object_ref_end,))
         self._next_done = (done, ())
         self._next_open = (choice, (object_ref_start, im_end))
         self._next_after_group = (choice, (comma, im_end))
@@ -206,7 +209,7 @@ class ReferenceGrammarCore:
         if state in (_State.START, _State.SKIP):
             return self._next_open
         if state is _State.PHRASE:
-            return self._next_close_phrase if len(self._phrase) >= self._max_phrase_ids else self._next_free
+            return self._next_close_phrase if len(self._phrase) >= self._max_phrase_ids else self._next_phrase
         if state is _State.TEXT:
             return self._next_free
         if state is _State.AFTER_PHRASE:

@@ -15,8 +15,18 @@ token is its probability under the softmax over the allowed rows after the penal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+from rexedge.runtime.errors import RexEdgeError
+
+# CHOICE steps and the extra ids of a COORD step are a handful of ids (the grammar's longest is 2)
+MAX_LISTED_IDS = 64
+
+
+class SamplingError(RexEdgeError, ValueError):
+    """Generation settings out of range (temperature, top_p, top_k, repetition_penalty)."""
 
 
 @dataclass(frozen=True)
@@ -30,14 +40,14 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0:
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise SamplingError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 class Chooser:
@@ -86,11 +96,18 @@ class Chooser:
         if self.sampling.temperature == 0.0:
             index = int(logits.argmax())
         else:
-            index = self._sample(logits)
+            distribution = self.distribution(logits)
+            index = int(self._rng.choice(distribution.shape[0], p=distribution))
         return index, float(probs[index]) / total
 
-    def _sample(self, logits: np.ndarray) -> int:
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The sampling distribution over `logits` (already penalized): temperature, then top-k, then top-p.
+
+        Sampling only (temperature > 0); it allocates (sorting for top-p), greedy decoding does not.
+        """
         s = self.sampling
+        if s.temperature == 0.0:
+            raise SamplingError("distribution() is for sampling; temperature 0 means greedy")
         scaled = logits.astype(np.float64) / s.temperature
         if s.top_k and s.top_k < scaled.shape[0]:
             kth = np.partition(scaled, -s.top_k)[-s.top_k]
@@ -107,7 +124,17 @@ class Chooser:
             keep[order[:cut]] = True
             probs = np.where(keep, probs, 0.0)
             probs /= probs.sum()
-        return int(self._rng.choice(probs.shape[0], p=probs))
+        return probs
+
+
+class Head(Protocol):
+    """What the decode loop asks of a head; each choose_* returns (token id, its probability)."""
+
+    def reset(self, prompt_ids: np.ndarray) -> None: ...
+    def observe(self, token_id: int) -> None: ...
+    def choose_full(self, hidden: np.ndarray, blocked: np.ndarray | None = None) -> tuple[int, float]: ...
+    def choose_range(self, hidden: np.ndarray, start: int, stop: int, extra: tuple[int, ...] = ()) -> tuple[int, float]: ...
+    def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]: ...
 
 
 class NumpyHead:
@@ -120,7 +147,12 @@ class NumpyHead:
         vocab = embed_table.shape[0]
         self.chooser = Chooser(vocab, sampling)
         self._logits = np.empty(vocab, dtype=np.float32)
-        self._extra_logits = np.empty(64, dtype=np.float32)
+        # listed ids (CHOICE, a COORD step's extra ids): their rows, seen flags and logits
+        self._listed_rows = np.empty((MAX_LISTED_IDS, embed_table.shape[1]), dtype=embed_table.dtype)
+        self._listed_seen = np.empty(MAX_LISTED_IDS, dtype=bool)
+        self._listed_logits = np.empty(MAX_LISTED_IDS, dtype=np.float32)
+        # the grammar hands out one cached tuple per state, so this holds a few entries
+        self._index_arrays: dict[tuple[int, ...], np.ndarray] = {}
 
     def reset(self, prompt_ids: np.ndarray) -> None:
         self.chooser.reset(prompt_ids)
@@ -128,11 +160,13 @@ class NumpyHead:
     def observe(self, token_id: int) -> None:
         self.chooser.observe(token_id)
 
-    def choose_full(self, hidden: np.ndarray) -> tuple[int, float]:
-        """Every row of the vocabulary (exact mode, and FREE steps)."""
+    def choose_full(self, hidden: np.ndarray, blocked: np.ndarray | None = None) -> tuple[int, float]:
+        """Every row of the vocabulary (exact mode, and FREE steps), except the rows where `blocked` is True."""
         logits = self._logits
         np.dot(self.table, hidden, out=logits)
         self.chooser.penalize(logits, self.chooser.seen)
+        if blocked is not None:
+            np.copyto(logits, -np.inf, where=blocked)
         return self.chooser.choose(logits)
 
     def choose_range(self, hidden: np.ndarray, start: int, stop: int, extra: tuple[int, ...] = ()) -> tuple[int, float]:
@@ -142,18 +176,27 @@ class NumpyHead:
         np.dot(self.table[start:stop], hidden, out=logits[:n])
         self.chooser.penalize(logits[:n], self.chooser.seen[start:stop])
         if extra:
-            tail = logits[n:]
-            for j, token in enumerate(extra):
-                tail[j] = self.table[token] @ hidden
-            self.chooser.penalize(tail, self.chooser.seen[list(extra)])
+            logits[n:] = self._listed(hidden, extra)
         index, prob = self.chooser.choose(logits)
         return (start + index if index < n else extra[index - n]), prob
 
     def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]:
         """A short list of ids (CHOICE steps)."""
-        logits = self._extra_logits[: len(ids)]
-        for j, token in enumerate(ids):
-            logits[j] = self.table[token] @ hidden
-        self.chooser.penalize(logits, self.chooser.seen[list(ids)])
-        index, prob = self.chooser.choose(logits)
+        index, prob = self.chooser.choose(self._listed(hidden, ids))
         return ids[index], prob
+
+    def _listed(self, hidden: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:
+        """Penalized logits of `ids` (a view of a reused buffer): gathered rows @ hidden, no allocation."""
+        rows = self._index_arrays.get(ids)
+        if rows is None:
+            if not 0 < len(ids) <= MAX_LISTED_IDS:
+                raise ValueError(f"expected 1..{MAX_LISTED_IDS} listed ids, got {len(ids)}")
+            rows = self._index_arrays[ids] = np.array(ids, dtype=np.intp)
+        k = len(ids)
+        # mode="clip": take() buffers its output (a temporary) in the default mode="raise"
+        table_rows = np.take(self.table, rows, axis=0, out=self._listed_rows[:k], mode="clip")
+        seen = np.take(self.chooser.seen, rows, out=self._listed_seen[:k], mode="clip")
+        logits = self._listed_logits[:k]
+        np.dot(table_rows, hidden, out=logits)
+        self.chooser.penalize(logits, seen)
+        return logits

@@ -5,8 +5,9 @@ the choice of token run here (or, on a GPU backend, in the backend's own head). 
 
 - ``exact``: every step over the full vocabulary, greedy (or the wrapper's sampling),
   repetition penalty over prompt and output, stop at <|im_end|>: the reference's tokens.
-- ``structured`` (default): the output grammar says what may come next. COORD steps
-  multiply only the 1,000 coordinate rows of the head, CHOICE steps a handful of rows,
+- ``structured`` (default): the output grammar says what may come next. Phrase steps
+  exclude coordinate and special tokens, COORD steps multiply only the 1,000
+  coordinate rows of the head, CHOICE steps a handful of rows,
   FORCED tokens are appended several at a time in one backend step (jump-forward), and
   the output is always in the task's grammar.
 
@@ -27,12 +28,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rexedge.runtime.backends.base import Backend
+from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.grammar import CHOICE, COORD, DONE, FORCED, FREE
-from rexedge.runtime.head import NumpyHead
+from rexedge.runtime.head import Head
+from rexedge.runtime.phrases import PhraseTable
 from rexedge.runtime.results import Detection
 from rexedge.runtime.tokenizer import TokenIds
 
 MODES = ("exact", "structured")
+
+
+class DecodingError(RexEdgeError, ValueError):
+    """A decoding mode or limit that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,12 @@ class Limits:
     max_boxes: int = 1000
     stop_on_zero_box: bool = True       # "<0><0><0><0>": what the evaluation scripts stop on
     stop_on_repeated_box: bool = True   # runaway outputs repeat boxes they already gave
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_boxes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DecodingError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -57,23 +70,43 @@ class Generation:
 class DecodeLoop:
     """Drives one backend and one head; reused across images (buffers are allocated once)."""
 
-    def __init__(self, backend: Backend, head: NumpyHead, ids: TokenIds, mode: str = "structured",
+    def __init__(self, backend: Backend, head: Head, ids: TokenIds, mode: str = "structured",
                  limits: Limits = Limits()) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown decoding mode {mode!r}; expected one of {MODES}")
+            raise DecodingError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
         self.backend, self.head, self.ids, self.mode, self.limits = backend, head, ids, mode, limits
         self._positions = np.empty((3, 64), dtype=np.int64)
         self._token = np.empty(64, dtype=np.int64)
+        self._offsets = np.arange(64, dtype=np.int64)
         self._stop_ids = {ids.im_end, ids.endoftext}
+        self._blocked_by_allowed: dict[tuple[int, ...], np.ndarray] = {}
+
+    def _text_blocked(self, allowed: tuple[int, ...]) -> np.ndarray:
+        """Rows a phrase may not use: added tokens (coordinates, specials) and padding rows, except ``allowed``."""
+        blocked = self._blocked_by_allowed.get(allowed)
+        if blocked is None:
+            blocked = np.zeros(self.backend.embed_table.shape[0], dtype=bool)
+            blocked[list(self.backend.tokenizer.added_tokens.values())] = True
+            blocked[self.backend.tokenizer.vocab_size:] = True
+            blocked[list(allowed)] = False
+            self._blocked_by_allowed[allowed] = blocked
+        return blocked
 
     def _step(self, tokens: tuple[int, ...], cache_len: int, rope_delta: int) -> np.ndarray:
         k = len(tokens)
         self._token[:k] = tokens
-        self._positions[:, :k] = np.arange(cache_len + rope_delta, cache_len + rope_delta + k)
+        # decode positions: cache position + rope_delta, the same on all three streams
+        np.add(self._offsets[:k], cache_len + rope_delta, out=self._positions[0, :k])
+        self._positions[1:, :k] = self._positions[0, :k]
         return self.backend.step(self._token[:k], self._positions[:, :k])
 
     def run(self, prompt_ids: np.ndarray, image_embeds: np.ndarray, positions: np.ndarray, rope_delta: int,
-            grammar) -> Generation:
+            grammar, phrases: PhraseTable | None = None) -> Generation:
+        """Prefill the prompt (image embeddings at its image tokens) and decode under ``grammar``.
+
+        ``phrases`` (structured mode): constrain each phrase to one of these token sequences
+        (``rexedge.runtime.phrases``); None keeps phrases free text.
+        """
         ids, limits, backend, head = self.ids, self.limits, self.backend, self.head
         t0 = time.perf_counter()
         embeds = backend.embed_table[prompt_ids].astype(np.float32)
@@ -91,6 +124,7 @@ class DecodeLoop:
         seen_boxes: set[tuple[str, tuple[int, ...]]] = set()
         steps = {"free": 0, "coord": 0, "choice": 0, "forced": 0}
         zeros_in_a_row = 0
+        phrase: tuple[int, ...] = ()        # ids of the phrase being written (for `phrases`)
         backend_s = 0.0
         cache_len = len(prompt_ids)
         coord_start, coord_stop = ids.coord_start, ids.coord_start + ids.num_coords
@@ -98,8 +132,18 @@ class DecodeLoop:
         t1 = time.perf_counter()
         while len(out) < limits.max_new_tokens:
             kind, allowed = grammar.next()
-            if self.mode == "exact" or kind == FREE:
-                chosen = (head.choose_full(hidden),)
+            in_phrase = self.mode == "structured" and kind == FREE and bool(allowed)
+            if in_phrase and phrases is not None:
+                forced, options = phrases.get(phrase, (True, allowed))
+                if forced:
+                    chosen = tuple((t, 1.0) for t in options[: limits.max_new_tokens - len(out)])
+                    step_kind = "forced"
+                else:
+                    chosen = (head.choose_ids(hidden, options),)
+                    step_kind = "choice"
+            elif self.mode == "exact" or kind == FREE:
+                # a FREE step with ids is phrase text: no coordinate or special token but those ids
+                chosen = (head.choose_full(hidden, self._text_blocked(allowed) if in_phrase else None),)
                 step_kind = "free"
             elif kind == COORD:
                 chosen = (head.choose_range(hidden, coord_start, coord_stop, allowed),)
@@ -119,11 +163,20 @@ class DecodeLoop:
             for token, prob in chosen:
                 out.append(token)
                 head.observe(token)
+                if token == ids.object_ref_start:
+                    phrase = ()
+                elif in_phrase:
+                    phrase += (token,)
                 if coord_start <= token < coord_stop:
                     coord_probs.append(prob)
                     zeros_in_a_row = zeros_in_a_row + 1 if token == coord_start else 0
                 else:
                     zeros_in_a_row = 0
+                if limits.stop_on_zero_box and zeros_in_a_row >= 4:
+                    # the reference stops on "<0><0><0><0>" and drops it (a stop string): a box it
+                    # completes is all zeros and is not kept
+                    stop = "zero_box"
+                    break
                 for det in grammar.advance(token):
                     key = (det.phrase, det.bins)
                     if limits.stop_on_repeated_box and key in seen_boxes:
@@ -138,8 +191,6 @@ class DecodeLoop:
                     break
                 if token in self._stop_ids:
                     stop = "eos"
-                elif limits.stop_on_zero_box and zeros_in_a_row >= 4:
-                    stop = "zero_box"
                 elif len(detections) >= limits.max_boxes:
                     stop = "max_boxes"
                 if stop:
@@ -147,6 +198,8 @@ class DecodeLoop:
             if stop:
                 stop_reason = stop
                 break
+            if len(out) >= limits.max_new_tokens:
+                break  # nothing follows the last token: it needs no backend step
             appended = tuple(t for t, _ in chosen)
             if cache_len + len(appended) > backend.max_context:
                 stop_reason = "context_full"

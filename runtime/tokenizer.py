@@ -137,6 +137,7 @@ class Tokenizer:
         if backend.pre_tokenizer is not None:
             self._plain.pre_tokenizer = backend.pre_tokenizer
         self._added = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
+        self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         self.ids = self._read_token_ids()
 
     # loading ---------------------------------------------------------------
@@ -208,6 +209,11 @@ class Tokenizer:
         if bad:
             raise TokenizerError(f"cannot decode token ids {bad[:5]}: not in the tokenizer's vocabulary")
         return self._full.decode(ids, skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """One more than the largest id the tokenizer knows (the model's embedding may have padding rows past it)."""
+        return self._vocab_size
 
     @property
     def added_tokens(self) -> Mapping[str, int]:

@@ -67,8 +67,9 @@ def render(groups: list, kind: str, ids: TokenIds = TINY_IDS) -> list[Step]:
             steps.append(Step(ids.comma, (CHOICE, (ids.comma, ids.im_end))))
             steps.append(Step(ids.space, (FORCED, (ids.space, ids.object_ref_start))))
             steps.append(Step(ids.object_ref_start, (FORCED, (ids.object_ref_start,))))
-        steps.extend(Step(t, (FREE, ())) for t in phrase)
-        steps.append(Step(ids.object_ref_end, (FREE, ())))
+        phrase_text = (FREE, (ids.object_ref_end,))
+        steps.extend(Step(t, phrase_text) for t in phrase)
+        steps.append(Step(ids.object_ref_end, phrase_text))
         steps.append(Step(ids.box_start, (FORCED, (ids.box_start,))))
         if payload is None:
             steps.append(Step(ids.none[0], (COORD, (ids.none[0],))))
@@ -380,7 +381,7 @@ def test_runaway_phrase_is_truncated_and_closed(impl: str) -> None:
     grammar = make_grammar("detection", ids, (10, 10), impl, decode=decode)
     grammar.advance(ids.object_ref_start)
     for i, t in enumerate(phrase):
-        assert grammar.next() == ((FREE, ()) if i < MAX_PHRASE_IDS else (FORCED, (ids.object_ref_end,)))
+        assert grammar.next() == ((FREE, (ids.object_ref_end,)) if i < MAX_PHRASE_IDS else (FORCED, (ids.object_ref_end,)))
         grammar.advance(t)
     feed(grammar, [ids.object_ref_end, ids.box_start, c, c + 1, c + 2, c + 3])
     assert grammar.detections[0].phrase == decode(phrase[:MAX_PHRASE_IDS])

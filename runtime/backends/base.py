@@ -1,9 +1,10 @@
 """What every backend provides to the decode loop, and nothing more.
 
 A backend encodes images, prefills a prompt and appends tokens; it owns its KV cache.
-The decode loop, the head and the sampler are shared (``rexedge.runtime.loop`` /
-``head``): the loop turns the returned hidden state into logits with ``embed_table``
-(the tied embedding), so a backend never computes logits.
+The decode loop is shared (``rexedge.runtime.loop``). The head (logits of the rows the
+grammar allows, the penalty and the choice of token) comes from ``make_head``: host
+backends return the numpy head over ``embed_table`` (the tied embedding); a GPU backend
+returns one that keeps logits on the device.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rexedge.export.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 
 if TYPE_CHECKING:
+    from rexedge.runtime.head import Head, Sampling
     from rexedge.runtime.preprocess import PreprocessedImage
     from rexedge.runtime.tokenizer import Tokenizer
 
@@ -49,6 +51,10 @@ class Backend(Protocol):
     @property
     def cache_length(self) -> int:
         """Tokens in the KV cache."""
+        ...
+
+    def make_head(self, sampling: "Sampling") -> "Head":
+        """The head the decode loop chooses tokens with (one per loop; it keeps the seen-token record)."""
         ...
 
 

@@ -2,8 +2,8 @@
 
 It is the reference the exported graphs are checked against, and needs no export step.
 Its KV cache is the model's own per-layer ``[1, kv_heads, max_context, head_dim]``
-buffers, written in place. CUDA (Triton kernels, CUDA graphs) comes later; asking for it
-now is an error.
+buffers, written in place. On CUDA, ``load_backend("torch", ..., device="cuda")`` gives
+the Triton / CUDA-graph backend instead (``torch_cuda``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from rexedge.runtime.backends.base import (
     check_positions,
     check_token_ids,
 )
+from rexedge.runtime.head import NumpyHead, Sampling
 
 try:
     import torch
@@ -45,7 +46,7 @@ class TorchBackend:
         if torch is None:
             raise BackendError("the torch backend needs torch: pip install rexedge[export]")
         if device != "cpu":
-            raise BackendError(f"torch backend: device {device!r} is not supported yet; use device='cpu'")
+            raise BackendError(f"torch CPU backend: device {device!r}; use device='cpu' (or 'cuda' through load_backend)")
         if dtype not in _DTYPES:
             raise BackendError(f"torch backend: dtype {dtype!r}, expected one of {sorted(_DTYPES)}")
         from rexedge.export.checkpoint import load_model
@@ -69,6 +70,9 @@ class TorchBackend:
     @property
     def cache_length(self) -> int:
         return self._length
+
+    def make_head(self, sampling: Sampling) -> NumpyHead:
+        return NumpyHead(self.embed_table, sampling)
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)

@@ -10,7 +10,7 @@
 # pytest captures only sys.stdout/err (--capture=sys): an ASan report written to fd 2 must
 # reach the terminal, not a capture file lost when ASan aborts the process.
 #
-# Usage (inside the virtualenv, from anywhere): runtime/asan_check.sh [extra pytest args]
+# Usage (inside the virtualenv, from anywhere): .ci/asan_grammar.sh [extra pytest args]
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cc="${CC:-gcc}"

@@ -1,0 +1,162 @@
+"""What passing the KV cache in and out costs per decode step: trt flavour vs ort flavour, on ONNX Runtime (CPU).
+
+The ort flavour appends to a max-length cache in place (GroupQueryAttention, IOBinding);
+the trt flavour takes ``past_*`` [1, KVH, P, D] and returns ``present_*`` [1, KVH, P+1, D]
+(Concat), as TensorRT needs without a plugin. Both run here the way their backends run
+them: ort through the ``ort`` backend; trt with two pre-allocated buffers per layer sized
+to the context (ping-pong, as ``rexedge.runtime.backends.trt`` does on the GPU), bound
+with IOBinding, so the extra cost measured is the Concat's read + write of the cache.
+
+A random checkpoint of the bench config of ``rexedge.bench.decode_context`` (hidden 512,
+8 layers, the real head_dim 128 and 2 KV heads) is exported in both flavours; for each
+context single-token steps are timed, alternating flavours and contexts, and the median
+and p90 after warm-up are reported, with the cache bytes a trt step copies and what that
+copy means for the 3B model on a Jetson AGX Orin (a bandwidth estimate, not a measurement).
+
+    python -m rexedge.bench.trt_flavour_cost [--contexts 200 2000] [--steps 40] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rexedge.bench.decode_context import BENCH_CONFIG, write_random_checkpoint
+from rexedge.export.config import RexOmniConfig
+
+ORIN_BANDWIDTH = 204.8e9  # bytes/s, Jetson AGX Orin (FACTS.md)
+
+
+class KvInOutDecoder:
+    """The trt-flavour decoder on ONNX Runtime with ping-pong KV buffers (the trt backend's scheme)."""
+
+    def __init__(self, bundle: Path, capacity: int, threads: int | None) -> None:
+        from rexedge.runtime.bundle import load_bundle
+
+        b = load_bundle(bundle, verify_hashes=False)
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(b.path(b.decoder.file)), options, providers=["CPUExecutionProvider"])
+        self.config, self.embed_table = b.config, b.load_embed_table()
+        cfg = self.config
+        flat = cfg.num_key_value_heads * capacity * cfg.head_dim
+        self._kv = [[(np.empty(flat, np.float32), np.empty(flat, np.float32)) for _ in range(cfg.num_hidden_layers)]
+                    for _ in range(2)]
+        self._side, self.cache_length = 0, 0
+        self._embeds = np.zeros((1, 1, cfg.hidden_size), np.float32)
+        self._positions = np.zeros((3, 1, 1), np.int64)
+        self._hidden = np.zeros((1, 1, cfg.hidden_size), np.float32)
+
+    def _kv_shape(self, length: int) -> list[int]:
+        return [1, self.config.num_key_value_heads, length, self.config.head_dim]
+
+    def prefill(self, embeds: np.ndarray, positions: np.ndarray) -> None:
+        cfg = self.config
+        feeds = {"inputs_embeds": embeds[None], "position_ids": positions[:, None, :]}
+        empty = np.zeros(self._kv_shape(0), np.float32)
+        names = [f"present_{k}_{i}" for i in range(cfg.num_hidden_layers) for k in ("key", "value")]
+        feeds.update({f"past_{k}_{i}": empty for i in range(cfg.num_hidden_layers) for k in ("key", "value")})
+        present = self.session.run(names, feeds)
+        for i in range(cfg.num_hidden_layers):
+            for j in range(2):
+                data = present[2 * i + j].reshape(-1)
+                self._kv[0][i][j][:data.size] = data
+        self._side, self.cache_length = 0, embeds.shape[0]
+
+    def step(self, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        cfg, binding = self.config, self.session.io_binding()
+        self._embeds[0, 0] = self.embed_table[token_ids[0]]
+        self._positions[:, 0, 0] = positions[:, 0]
+        binding.bind_cpu_input("inputs_embeds", self._embeds)
+        binding.bind_cpu_input("position_ids", self._positions)
+        binding.bind_output("hidden_states", "cpu", 0, np.float32, list(self._hidden.shape),
+                            self._hidden.ctypes.data)
+        past, present = self._kv[self._side], self._kv[1 - self._side]
+        p = self.cache_length
+        for i in range(cfg.num_hidden_layers):
+            for j, kind in enumerate(("key", "value")):
+                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, self._kv_shape(p), past[i][j].ctypes.data)
+                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, self._kv_shape(p + 1),
+                                    present[i][j].ctypes.data)
+        self.session.run_with_iobinding(binding)
+        self._side, self.cache_length = 1 - self._side, p + 1
+        return self._hidden[0, 0]
+
+
+def kv_bytes_per_token(cfg: RexOmniConfig, itemsize: int) -> int:
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+
+    from rexedge.export.bundle import export_bundle
+    from rexedge.runtime.backends import load_backend
+
+    rng = np.random.default_rng(0)
+    capacity = max(args.contexts) + args.warmup + args.steps
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = write_random_checkpoint(Path(tmp) / "checkpoint")
+        bundles = {f: export_bundle(checkpoint, Path(tmp) / f, flavour=f, progress=False) for f in ("ort", "trt")}
+        runners = {}
+        for context in args.contexts:
+            runners["ort", context] = load_backend("ort", bundles["ort"], max_context=capacity, threads=args.threads)
+            runners["trt", context] = KvInOutDecoder(bundles["trt"], capacity, args.threads)
+        for (_, context), runner in runners.items():
+            embeds = rng.standard_normal((context, BENCH_CONFIG.hidden_size), dtype=np.float32) * 0.05
+            runner.prefill(embeds, np.tile(np.arange(context, dtype=np.int64), (3, 1)))
+        token, position = np.zeros(1, np.int64), np.zeros((3, 1), np.int64)
+        times: dict[tuple[str, int], list[float]] = {key: [] for key in runners}
+        for i in range(args.warmup + args.steps):
+            for key, runner in runners.items():  # alternate, so machine load hits every case alike
+                token[0] = rng.integers(runner.embed_table.shape[0])
+                position[:] = runner.cache_length
+                start = time.perf_counter()
+                runner.step(token, position)
+                if i >= args.warmup:
+                    times[key].append((time.perf_counter() - start) * 1e3)
+
+    cfg = BENCH_CONFIG
+    per_token = kv_bytes_per_token(cfg, 4)
+    real_per_token = kv_bytes_per_token(RexOmniConfig.preset("rex-omni-3b"), 2)  # fp16 cache
+    rows = []
+    for context in args.contexts:
+        ort_ms, trt_ms = (float(np.median(times[f, context])) for f in ("ort", "trt"))
+        copied = per_token * context  # a step reads the past and writes it again into present
+        real_copy_ms = 2 * real_per_token * context / ORIN_BANDWIDTH * 1e3
+        rows.append({"context": context, "ort_ms": round(ort_ms, 3), "ort_p90_ms": round(float(np.percentile(
+            times["ort", context], 90)), 3), "trt_ms": round(trt_ms, 3), "trt_p90_ms": round(float(np.percentile(
+                times["trt", context], 90)), 3), "extra_ms": round(trt_ms - ort_ms, 3),
+            "kv_bytes_copied": copied, "rex_omni_3b_fp16_copy_ms_on_orin": round(real_copy_ms, 2)})
+    result = {"config": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
+                         "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim},
+              "steps": args.steps, "warmup": args.warmup, "rows": rows}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{'context':>8} {'ort ms':>8} {'p90':>7} {'trt ms':>8} {'p90':>7} {'extra':>7} {'KV copied':>10} "
+              f"{'3B fp16 copy on Orin':>21}")
+        for r in rows:
+            print(f"{r['context']:8d} {r['ort_ms']:8.3f} {r['ort_p90_ms']:7.3f} {r['trt_ms']:8.3f} "
+                  f"{r['trt_p90_ms']:7.3f} {r['extra_ms']:7.3f} {r['kv_bytes_copied'] / 2**20:8.1f} MiB "
+                  f"{r['rex_omni_3b_fp16_copy_ms_on_orin']:18.2f} ms")
+        print(f"medians of {args.steps} single-token steps after {args.warmup} warm-up; the 3B column is "
+              f"2 x {real_per_token} B/token x context / 204.8 GB/s (read + write), an estimate")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""The decode loop with stand-in backends: structured output always in the task's grammar, and the guards.
+
+Stand-ins, each recording every backend call: a backend whose every step returns a fresh
+random hidden state over a random embedding table (so the head's choices are random and every
+branch of the grammar is taken); a backend that mostly follows the grammar (so exact and
+structured decoding can be compared); and a scripted head that answers a planned token
+sequence (to force each guard).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.grammar import CHOICE, COORD, DONE, FORCED, FREE, make_grammar
+from rexedge.runtime.head import NumpyHead, Sampling
+from rexedge.runtime.loop import DecodeLoop, DecodingError, Generation, Limits
+from rexedge.runtime.tokenizer import TokenIds, Tokenizer
+
+HIDDEN = 16
+IMAGE_SIZE = (317, 211)
+ROPE_DELTA = -9
+UNGUARDED = Limits(max_new_tokens=20000, max_boxes=10**6, stop_on_zero_box=False, stop_on_repeated_box=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint: Path) -> Tokenizer:
+    return Tokenizer.from_dir(tiny_checkpoint)
+
+
+class RecordingBackend:
+    """Backend stand-in: checks what the loop sends, records every step, returns `hidden()`."""
+
+    name = "recording"
+
+    def __init__(self, tokenizer: Tokenizer, embed_table: np.ndarray, hidden: Callable[[], np.ndarray],
+                 max_context: int = 100_000) -> None:
+        self.tokenizer, self.embed_table, self.max_context = tokenizer, embed_table, max_context
+        self.config = None
+        self._hidden = hidden
+        self.steps: list[list[int]] = []
+        self.cache_length = 0
+
+    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        assert inputs_embeds.dtype == np.float32 and position_ids.shape == (3, inputs_embeds.shape[0])
+        self.prefilled = inputs_embeds.copy()
+        self.cache_length, self.steps = inputs_embeds.shape[0], []
+        return self._hidden()
+
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        k = token_ids.shape[0]
+        assert self.cache_length + k <= self.max_context, "the loop overfilled the KV cache"
+        # decode positions: cache position + rope_delta, the same on the three streams
+        expected = np.arange(self.cache_length, self.cache_length + k) + ROPE_DELTA
+        np.testing.assert_array_equal(position_ids, np.tile(expected, (3, 1)))
+        self.steps.append(token_ids.tolist())
+        self.cache_length += k
+        return self._hidden()
+
+    def make_head(self, sampling: Sampling) -> NumpyHead:
+        return NumpyHead(self.embed_table, sampling)
+
+
+def request(ids: TokenIds, rng: np.random.Generator, hidden: int = HIDDEN,
+            image_tokens: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt with an image (ordinary text around <|image_pad|> x n) and its image embeddings."""
+    prompt = np.concatenate([rng.integers(0, 900, 5), [ids.vision_start], [ids.image_pad] * image_tokens,
+                             [ids.vision_end], rng.integers(0, 900, 7)]).astype(np.int64)
+    return prompt, rng.standard_normal((image_tokens, hidden)).astype(np.float32)
+
+
+def run(loop: DecodeLoop, tokenizer: Tokenizer, task: str, rng: np.random.Generator) -> tuple[Generation, object]:
+    prompt, image_embeds = request(tokenizer.ids, rng, loop.backend.embed_table.shape[1])
+    grammar = make_grammar(task, tokenizer.ids, IMAGE_SIZE, decode=tokenizer.decode)
+    positions = np.tile(np.arange(len(prompt)), (3, 1))
+    gen = loop.run(prompt, image_embeds, positions, ROPE_DELTA, grammar)
+    # the prompt's image rows were replaced by the image embeddings, the rest are table rows
+    image_rows = prompt == tokenizer.ids.image_pad
+    np.testing.assert_array_equal(loop.backend.prefilled[image_rows], image_embeds)
+    np.testing.assert_array_equal(loop.backend.prefilled[~image_rows], loop.backend.embed_table[prompt[~image_rows]])
+    return gen, grammar
+
+
+# --------------------------------------------------------------------------- the documented grammar
+
+COORD_TEXT = r"<(?:[0-9]|[1-9][0-9]|[1-9][0-9]{2})>"
+GEOMETRY = {"detection": COORD_TEXT * 4, "pointing": COORD_TEXT * 2,
+            "ocr_polygon": rf"(?:{COORD_TEXT}{COORD_TEXT}){{3,}}"}
+# free text: anything but the tokens that delimit a phrase or end the answer
+PHRASE = r"(?:(?!<\|object_ref_start\|>|<\|object_ref_end\|>|<\|im_end\|>|<\|endoftext\|>).)*"
+
+
+def group_pattern(task: str) -> str:
+    geom = GEOMETRY[task]
+    return (rf"<\|object_ref_start\|>(?P<phrase>{PHRASE})<\|object_ref_end\|>"
+            rf"<\|box_start\|>(?P<payload>None|{geom}(?:,{geom})*)<\|box_end\|>")
+
+
+def response_pattern(task: str) -> re.Pattern:
+    group = group_pattern(task).replace("?P<phrase>", "").replace("?P<payload>", "")
+    return re.compile(rf"(?:{group}(?:, {group})*)?<\|im_end\|>", re.DOTALL)
+
+
+def groups_of(text: str, task: str) -> list[tuple[str, list[tuple[int, ...]] | None]]:
+    """(phrase, [bins of each geometry] or None) for every group of a grammatical answer."""
+    found = []
+    for match in re.finditer(group_pattern(task), text, re.DOTALL):
+        payload = match["payload"]
+        geoms = None if payload == "None" else [tuple(int(b) for b in re.findall(r"<(\d+)>", g))
+                                                for g in payload.split(",")]
+        found.append((match["phrase"], geoms))
+    return found
+
+
+def phrases(tokens: list[int], ids: TokenIds) -> list[list[int]]:
+    """The ids of every phrase: between <|object_ref_start|> and <|object_ref_end|>."""
+    starts = [i + 1 for i, t in enumerate(tokens) if t == ids.object_ref_start]
+    return [tokens[i:tokens.index(ids.object_ref_end, i)] for i in starts]
+
+
+def structural_table(rng: np.random.Generator, ids: TokenIds, vocab: int, long_phrases: bool) -> np.ndarray:
+    """A random table where the grammar's decision tokens compete with the 1,000 coordinates or the
+    ~1,000 text tokens (each scaled at random per seed), so every branch is taken now and then."""
+    table = rng.standard_normal((vocab, HIDDEN)).astype(np.float32)
+    for token in (ids.none[0], ids.comma, ids.box_end, ids.im_end):
+        table[token] *= rng.uniform(2.0, 4.5)
+    # a weak <|object_ref_end|> row lets phrases run to the 256-id cap
+    table[ids.object_ref_end] *= 0.5 if long_phrases else rng.uniform(2.0, 4.5)
+    return table
+
+
+@pytest.mark.parametrize("task", ["detection", "pointing", "ocr_polygon"])
+def test_structured_output_is_always_in_the_grammar(tokenizer: Tokenizer, task: str) -> None:
+    ids = tokenizer.ids
+    pattern = response_pattern(task)
+    text_tokens = set(text_ids(tokenizer, 2048).tolist())
+    seen = {"empty": 0, "none": 0, "groups>1": 0, "geoms>1": 0, "long_phrase": 0, "polygon>6": 0}
+    for seed in range(40):
+        rng = np.random.default_rng(1000 * seed + len(task))
+        table = structural_table(rng, ids, 2048, long_phrases=seed % 4 == 0)
+        backend = RecordingBackend(tokenizer, table, lambda: rng.standard_normal(HIDDEN).astype(np.float32))
+        loop = DecodeLoop(backend, backend.make_head(Sampling()), ids, mode="structured", limits=UNGUARDED)
+        gen, grammar = run(loop, tokenizer, task, rng)
+
+        text = tokenizer.decode(gen.token_ids)
+        assert gen.stop_reason == "eos"
+        assert pattern.fullmatch(text), f"seed {seed}: not in the {task} grammar: {text!r}"
+        groups = groups_of(text, task)
+        # the loop's detections are the text's geometries, in order; "None" phrases are absent
+        expected = [(phrase, bins) for phrase, geoms in groups for bins in geoms or ()]
+        assert [(d.phrase, d.bins) for d in gen.detections] == expected
+        assert grammar.absent == [phrase for phrase, geoms in groups if geoms is None]
+        assert all(0 < d.score <= 1 for d in gen.detections)
+        assert backend.cache_length == len(gen.token_ids) + len(backend.prefilled) - 1  # the end token is not run
+
+        seen["empty"] += not groups
+        seen["none"] += any(geoms is None for _, geoms in groups)
+        seen["groups>1"] += len(groups) > 1
+        seen["geoms>1"] += any(geoms and len(geoms) > 1 for _, geoms in groups)
+        phrase_ids = phrases(gen.token_ids, ids)
+        assert set().union(*phrase_ids) <= text_tokens, "a phrase holds a coordinate or special token"
+        seen["long_phrase"] += [len(p) for p in phrase_ids].count(256)  # the cap closes the phrase
+        seen["polygon>6"] += any(len(b) > 6 for _, geoms in groups for b in geoms or ())
+    wanted = ["empty", "none", "groups>1", "geoms>1", "long_phrase"] + (["polygon>6"] if task == "ocr_polygon" else [])
+    assert all(seen[k] for k in wanted), f"branches not exercised: {seen}"
+
+
+def text_ids(tokenizer: Tokenizer, vocab: int) -> np.ndarray:
+    """Ids of ordinary text: what a phrase may hold besides <|object_ref_end|> (no added token, no padding row)."""
+    ordinary = np.ones(vocab, dtype=bool)
+    ordinary[list(tokenizer.added_tokens.values())] = False
+    ordinary[tokenizer.vocab_size:] = False
+    return np.flatnonzero(ordinary)
+
+
+def offered(kind, allowed: tuple[int, ...], token: int, ids: TokenIds, text: np.ndarray) -> bool:
+    """Whether the documented grammar allows `token` where next() said (kind, allowed)."""
+    if kind == FREE:
+        return not allowed or token in allowed or token in text
+    if kind == COORD:
+        return ids.is_coord(token) or token in allowed
+    if kind == CHOICE:
+        return token in allowed
+    if kind == FORCED:
+        return token == allowed[0]
+    return False
+
+
+class GrammarFollowingBackend(RecordingBackend):
+    """A model that mostly follows the grammar: each hidden state points at a token the grammar allows
+    after the tokens so far (97 times in 100) or at any token, drawn from a generator seeded by the
+    whole output so far, so that two runs sharing a history see the same hidden states."""
+
+    def __init__(self, tokenizer: Tokenizer, embed_table: np.ndarray, task: str, seed: int) -> None:
+        super().__init__(tokenizer, embed_table, self._follow)
+        self.task, self.seed, self.output = task, seed, []
+        self.text = text_ids(tokenizer, embed_table.shape[0])
+
+    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        self.output = []
+        return super().prefill(inputs_embeds, position_ids)
+
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        self.output += token_ids.tolist()
+        return super().step(token_ids, position_ids)
+
+    def _follow(self) -> np.ndarray:
+        ids = self.tokenizer.ids
+        rng = np.random.default_rng([self.seed, zlib.crc32(np.asarray(self.output, np.int64).tobytes())])
+        grammar = make_grammar(self.task, ids, IMAGE_SIZE, impl="python", decode=self.tokenizer.decode)
+        for token in self.output:
+            grammar.advance(token)
+        kind, allowed = grammar.next()
+        if rng.random() < 0.03 or kind == DONE:
+            target = int(rng.integers(0, self.embed_table.shape[0]))
+        elif kind == FREE:
+            target = allowed[0] if allowed and rng.random() < 0.3 else int(rng.choice(self.text))
+        elif kind == COORD:
+            target = int(rng.choice(allowed)) if allowed and rng.random() < 0.3 else ids.coord_start + int(
+                rng.integers(0, ids.num_coords))
+        else:
+            # CHOICE: mostly the first id (a new group, another geometry) so that answers run on
+            target = allowed[int(rng.random() < 0.25)] if kind == CHOICE else allowed[0]
+        row = self.embed_table[target]
+        return (8 * row / np.linalg.norm(row) + 0.2 * rng.standard_normal(row.shape[0])).astype(np.float32)
+
+
+@pytest.mark.parametrize("task", ["detection", "pointing", "ocr_polygon"])
+def test_exact_and_structured_agree_while_the_model_follows_the_grammar(tokenizer: Tokenizer, task: str) -> None:
+    """Both modes give the same tokens up to the first one the grammar does not allow (exact mode's
+    token there is one the grammar refuses), with the penalty applied identically along the way."""
+    ids = tokenizer.ids
+    identical, long_agreements = 0, 0
+    for seed in range(20):
+        table = np.random.default_rng(seed).standard_normal((2048, 64)).astype(np.float32)
+        tokens = {}
+        for mode in ("exact", "structured"):
+            backend = GrammarFollowingBackend(tokenizer, table, task, seed)
+            loop = DecodeLoop(backend, backend.make_head(Sampling()), ids, mode=mode,
+                              limits=Limits(max_new_tokens=150, stop_on_zero_box=False, stop_on_repeated_box=False))
+            tokens[mode] = run(loop, tokenizer, task, np.random.default_rng(seed))[0].token_ids
+        exact, structured = tokens["exact"], tokens["structured"]
+        split = next((i for i, (a, b) in enumerate(zip(exact, structured)) if a != b), None)
+        if split is None:
+            assert exact == structured
+            identical += 1
+            continue
+        grammar = make_grammar(task, ids, IMAGE_SIZE, impl="python", decode=tokenizer.decode)
+        for token in structured[:split]:
+            grammar.advance(token)
+        kind, allowed = grammar.next()
+        assert not offered(kind, allowed, exact[split], ids, backend.text), (seed, split, kind, allowed)
+        assert offered(kind, allowed, structured[split], ids, backend.text)
+        long_agreements += split >= 10
+    assert identical and long_agreements, (identical, long_agreements)
+
+
+# --------------------------------------------------------------------------- scripted head: the guards
+
+
+class ScriptedHead:
+    """Answers a planned token sequence; checks each token is one the loop offered at that step."""
+
+    def __init__(self, script: list[int], probs: dict[int, float] | None = None) -> None:
+        self.script, self.probs = list(script), probs or {}
+        self.calls: list[str] = []
+        self.observed: list[int] = []
+
+    def reset(self, prompt_ids: np.ndarray) -> None:
+        self.observed = []
+
+    def observe(self, token_id: int) -> None:
+        self.observed.append(token_id)
+
+    def _next(self, kind: str, offered) -> tuple[int, float]:
+        assert self.script, f"the script ran out at a {kind} step"
+        token = self.script.pop(0)
+        assert offered(token), f"{token} was not offered at this {kind} step"
+        self.calls.append(kind)
+        return token, self.probs.get(len(self.calls) - 1, 0.5)
+
+    def choose_full(self, hidden: np.ndarray, blocked: np.ndarray | None = None) -> tuple[int, float]:
+        return self._next("full", lambda t: blocked is None or not blocked[t])
+
+    def choose_range(self, hidden: np.ndarray, start: int, stop: int, extra: tuple[int, ...] = ()) -> tuple[int, float]:
+        return self._next("range", lambda t: start <= t < stop or t in extra)
+
+    def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]:
+        return self._next("ids", lambda t: t in ids)
+
+
+Groups = list[tuple[list[int], list[tuple[int, ...]] | None]]
+
+
+def answer(ids: TokenIds, groups: Groups) -> list[tuple[int, bool]]:
+    """The tokens of an answer of `groups` (phrase ids, geometries or None), each marked True when
+    the grammar forces it (<|box_start|>, the rest of "None" and <|box_end|>, ", " <|object_ref_start|>)."""
+    tokens = [(ids.object_ref_start, False)]
+    for index, (phrase, geoms) in enumerate(groups):
+        if index:
+            tokens += [(ids.comma, False), (ids.space, True), (ids.object_ref_start, True)]
+        tokens += [(t, False) for t in phrase] + [(ids.object_ref_end, False), (ids.box_start, True)]
+        if geoms is None:
+            tokens += [(ids.none[0], False)] + [(t, True) for t in ids.none[1:]] + [(ids.box_end, True)]
+            continue
+        for j, bins in enumerate(geoms):
+            if j:
+                tokens.append((ids.comma, False))
+            tokens += [(ids.coord_start + b, False) for b in bins]
+        tokens.append((ids.box_end, False))
+    return tokens + [(ids.im_end, False)]
+
+
+def plan(ids: TokenIds, groups: Groups) -> list[int]:
+    """What the head must choose for that answer (the loop appends the forced tokens)."""
+    return [t for t, forced in answer(ids, groups) if not forced]
+
+
+def full(ids: TokenIds, groups: Groups) -> list[int]:
+    return [t for t, _ in answer(ids, groups)]
+
+
+def scripted(tokenizer: Tokenizer, script: list[int], task: str = "detection", mode: str = "structured",
+             limits: Limits = Limits(), max_context: int = 100_000,
+             probs: dict[int, float] | None = None) -> tuple[Generation, RecordingBackend, ScriptedHead]:
+    rng = np.random.default_rng(len(script))
+    table = rng.standard_normal((2048, HIDDEN)).astype(np.float32)
+    backend = RecordingBackend(tokenizer, table, lambda: np.zeros(HIDDEN, np.float32), max_context=max_context)
+    head = ScriptedHead(script, probs)
+    gen, _ = run(DecodeLoop(backend, head, tokenizer.ids, mode=mode, limits=limits), tokenizer, task, rng)
+    return gen, backend, head
+
+
+def cup(tokenizer: Tokenizer) -> list[int]:
+    return tokenizer.encode_text("cup")
+
+
+def test_forced_tokens_go_in_one_step_and_everything_is_run_once(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.ids
+    dog = tokenizer.encode_text("door handle")
+    groups = [(cup(tokenizer), [(10, 20, 30, 40), (1, 2, 3, 4)]), (dog, None), (dog + dog, [(5, 6, 7, 8)])]
+    gen, backend, head = scripted(tokenizer, plan(ids, groups))
+    assert gen.stop_reason == "eos" and not head.script
+    # every generated token but the final <|im_end|> is run exactly once, in order
+    assert [t for step in backend.steps for t in step] == gen.token_ids[:-1]
+    assert gen.token_ids == full(ids, groups)
+    multi = [step for step in backend.steps if len(step) > 1]
+    assert multi == [[ids.space, ids.object_ref_start]] * 2  # the two ", " separators, each one step
+    # forced runs: <|box_start|> of each group, the rest of "None" + <|box_end|>, the two separators
+    assert gen.steps["forced"] == 3 + 1 + 2
+    assert sum(gen.steps.values()) == len(backend.steps)
+    # the loop asked the head the grammar's way: phrase text over the full head, coordinates restricted
+    assert head.calls.count("range") == 12 + 1  # 12 coordinates and the None choice after <|box_start|>
+    assert [(d.phrase, d.bins) for d in gen.detections] == [("cup", (10, 20, 30, 40)), ("cup", (1, 2, 3, 4)),
+                                                            ("door handledoor handle", (5, 6, 7, 8))]
+    assert head.observed == gen.token_ids
+
+
+def test_exact_mode_asks_the_full_head_every_step(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.ids
+    script = full(ids, [(cup(tokenizer), [(10, 20, 30, 40)]), (cup(tokenizer), None)])
+    gen, backend, head = scripted(tokenizer, script, mode="exact")
+    assert set(head.calls) == {"full"} and len(head.calls) == len(gen.token_ids) == len(backend.steps) + 1
+    assert all(len(step) == 1 for step in backend.steps)
+    assert gen.stop_reason == "eos" and [d.bins for d in gen.detections] == [(10, 20, 30, 40)]
+    # <|endoftext|> ends an exact answer too
+    gen, _, _ = scripted(tokenizer, [ids.object_ref_start, 5, 6, ids.endoftext, 7], mode="exact")
+    assert gen.stop_reason == "eos" and gen.token_ids[-1] == ids.endoftext
+
+
+def test_max_new_tokens(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.ids
+    gen, backend, _ = scripted(tokenizer, plan(ids, [(list(range(100, 150)), None)]), limits=Limits(max_new_tokens=10))
+    assert gen.stop_reason == "max_new_tokens" and len(gen.token_ids) == 10
+    assert len(backend.steps) == 9  # the last token is not run: nothing follows it
+
+    # the limit falls inside a forced run (", " <|object_ref_start|>): the run is cut there
+    groups = [(cup(tokenizer), None), (cup(tokenizer), None)]
+    expected = full(ids, groups)
+    cut = expected.index(ids.space) + 1
+    gen, backend, _ = scripted(tokenizer, plan(ids, groups), limits=Limits(max_new_tokens=cut))
+    assert gen.stop_reason == "max_new_tokens" and gen.token_ids == expected[:cut]
+    assert [t for step in backend.steps for t in step] == expected[:cut - 1]
+
+
+def test_max_boxes(tokenizer: Tokenizer) -> None:
+    boxes = [(i, i + 1, i + 2, i + 3) for i in range(0, 50, 10)]
+    gen, _, head = scripted(tokenizer, plan(tokenizer.ids, [(cup(tokenizer), boxes)]), limits=Limits(max_boxes=3))
+    assert gen.stop_reason == "max_boxes"
+    assert [d.bins for d in gen.detections] == boxes[:3]
+    assert gen.token_ids[-1] == tokenizer.ids.coord_start + boxes[2][3]
+
+
+@pytest.mark.parametrize("task, geoms, kept", [
+    ("detection", [(1, 2, 3, 4), (0, 0, 0, 0), (5, 6, 7, 8)], [(1, 2, 3, 4)]),   # the zero box is not kept
+    ("ocr_polygon", [(9, 9, 0, 0, 0, 0, 5, 5)], []),                              # inside a polygon
+])
+def test_four_zero_coordinates_in_a_row_stop(tokenizer: Tokenizer, task: str, geoms: list, kept: list) -> None:
+    script = plan(tokenizer.ids, [(cup(tokenizer), geoms)])
+    gen, _, _ = scripted(tokenizer, script, task=task)
+    assert gen.stop_reason == "zero_box" and [d.bins for d in gen.detections] == kept
+    assert tokenizer.decode(gen.token_ids).endswith("<0><0><0><0>")
+    gen, _, _ = scripted(tokenizer, script, task=task, limits=Limits(stop_on_zero_box=False, stop_on_repeated_box=False))
+    assert gen.stop_reason == "eos" and [d.bins for d in gen.detections] == geoms
+
+
+def test_zeros_split_by_a_comma_are_no_stop(tokenizer: Tokenizer) -> None:
+    # "<5><6><0><0>,<0><0><9><9>" does not hold the reference's stop string "<0><0><0><0>"
+    boxes = [(5, 6, 0, 0), (0, 0, 9, 9)]
+    gen, _, _ = scripted(tokenizer, plan(tokenizer.ids, [(cup(tokenizer), boxes)]))
+    assert gen.stop_reason == "eos" and [d.bins for d in gen.detections] == boxes
+
+
+def test_repeated_box_stops(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.ids
+    other = tokenizer.encode_text("door handle")
+    # the same bins under another phrase are no repeat
+    script = plan(ids, [(cup(tokenizer), [(1, 2, 3, 4), (5, 6, 7, 8)]), (other, [(1, 2, 3, 4), (5, 6, 7, 8)]),
+                        (cup(tokenizer), [(9, 9, 9, 9), (5, 6, 7, 8), (4, 4, 4, 4)])])
+    gen, _, head = scripted(tokenizer, script)
+    assert gen.stop_reason == "repeated_box"
+    assert [(d.phrase, d.bins) for d in gen.detections] == [
+        ("cup", (1, 2, 3, 4)), ("cup", (5, 6, 7, 8)), ("door handle", (1, 2, 3, 4)), ("door handle", (5, 6, 7, 8)),
+        ("cup", (9, 9, 9, 9))]
+    assert gen.token_ids[-1] == ids.coord_start + 8 and len(head.script) == 7  # stopped at the repeat's last bin
+    gen, _, _ = scripted(tokenizer, script, limits=Limits(stop_on_repeated_box=False))
+    assert gen.stop_reason == "eos" and len(gen.detections) == 7
+
+
+def test_full_kv_cache_stops(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.ids
+    script = plan(ids, [(list(range(100, 160)), None)])
+    prompt_length = len(request(ids, np.random.default_rng(0))[0])
+    gen, backend, _ = scripted(tokenizer, script, max_context=prompt_length + 5)
+    assert gen.stop_reason == "context_full"
+    assert backend.cache_length == prompt_length + 5 and len(gen.token_ids) == 6
+
+    # a forced run that does not fit is not started
+    groups = [(cup(tokenizer), None), (cup(tokenizer), None)]
+    room = full(ids, groups).index(ids.space)  # the tokens before ", " <|object_ref_start|> fit, the pair does not
+    gen, backend, _ = scripted(tokenizer, plan(ids, groups), max_context=prompt_length + room)
+    assert gen.stop_reason == "context_full" and backend.cache_length == prompt_length + room
+
+
+def test_box_score_is_the_geometric_mean_of_its_coordinate_probabilities(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.ids
+    polygon = (10, 11, 12, 13, 14, 15, 16, 17)
+    script = plan(ids, [(cup(tokenizer), [polygon, (20, 21, 22, 23, 24, 25)])])
+    rng = np.random.default_rng(9)
+    probs = {i: float(p) for i, p in enumerate(rng.uniform(0.01, 1.0, len(script)))}
+    gen, _, head = scripted(tokenizer, script, task="ocr_polygon", probs=probs)
+    assert [d.bins for d in gen.detections] == [polygon, (20, 21, 22, 23, 24, 25)]
+    coordinate_calls = [i for i, token in enumerate(script) if ids.is_coord(token)]
+    for det, calls in zip(gen.detections, (coordinate_calls[:8], coordinate_calls[8:])):
+        logs = [math.log(probs[i]) for i in calls]
+        assert det.score == pytest.approx(math.exp(sum(logs) / len(logs)), rel=1e-12)
+
+
+def test_bad_modes_and_limits_are_clear_errors(tokenizer: Tokenizer) -> None:
+    backend = RecordingBackend(tokenizer, np.zeros((2048, HIDDEN), np.float32), lambda: np.zeros(HIDDEN, np.float32))
+    with pytest.raises(DecodingError, match="unknown decoding mode 'greedy'; expected one of exact, structured"):
+        DecodeLoop(backend, backend.make_head(Sampling()), tokenizer.ids, mode="greedy")
+    for field in ("max_new_tokens", "max_boxes"):
+        with pytest.raises(DecodingError, match=f"{field} must be a positive integer, got 0") as error:
+            Limits(**{field: 0})
+        assert isinstance(error.value, RexEdgeError)
