@@ -7,7 +7,7 @@ the top of site-packages.
 
 import sys
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 SUBPACKAGES = ["export", "runtime", "kernels", "calib", "bench"]
 
@@ -20,8 +20,9 @@ setup(
     version="0.1.0",
     description="Edge runtime for Rex-Omni: ONNX / TensorRT export, Triton kernels, structured decoding",
     python_requires=">=3.10",
-    # rexedge itself is a namespace package (no __init__.py); each folder maps to one subpackage
-    packages=[f"rexedge.{p}" for p in SUBPACKAGES],
+    # rexedge itself is a namespace package (no __init__.py); each folder maps to one
+    # subpackage, its own subfolders (runtime/backends) coming along
+    packages=[f"rexedge.{p}{'.' + q if q else ''}" for p in SUBPACKAGES for q in ["", *find_packages(where=p)]],
     package_dir={f"rexedge.{p}": p for p in SUBPACKAGES},
     package_data={"rexedge.runtime": ["assets/*", "assets/**/*"], "rexedge.export": ["trt_onnx_ops.json"]},
     ext_modules=[

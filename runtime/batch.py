@@ -57,9 +57,10 @@ LIST_SUFFIXES = (".txt", ".lst")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 RECORD_START = b'{"image": '   # how every line starts (json.dumps of a dict whose first key is "image")
 # the result fields each ok line carries (the official dictionary's, less what JSON cannot hold)
-RESULT_FIELDS = ("task", "image_size", "resized_size", "prompt", "raw_output", "extracted_predictions", "absent",
-                 "stop_reason", "num_prompt_tokens", "num_output_tokens", "inference_time", "tokens_per_second",
-                 "timings")
+# the official wrapper's keys (token ids left out), then rexedge's
+RESULT_FIELDS = ("success", "task", "image_size", "resized_size", "prompt", "raw_output", "extracted_predictions",
+                 "inference_time", "num_output_tokens", "num_prompt_tokens", "generation_time", "tokens_per_second",
+                 "absent", "stop_reason", "timings")
 # visual prompts are checked per image against its size; for the up-front check of the request any box fits
 _ANY_SIZE = (1 << 30, 1 << 30)
 
@@ -339,13 +340,12 @@ def _write_coco(out: Path, request: dict[str, Any], plan: _CocoPlan, summary: Ba
 
 
 def batch_command(args: argparse.Namespace) -> None:
-    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.cli import model_from_args
     from rexedge.runtime.prompts import parse_boxes, parse_categories
 
     categories = parse_categories(args.categories) if args.categories is not None else None
     boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
-    model = RexOmni(args.model, backend=args.backend, device=args.device, decoding=args.decoding,
-                    max_tokens=args.max_new_tokens)
+    model = model_from_args(args)
     summary = run_batch(model, args.inputs, args.out, task=args.task, categories=categories,
                         keypoint_type=args.keypoint_type, visual_prompt_boxes=boxes, coco=args.coco,
                         category_ids=args.category_ids, image_ids=args.image_ids)

@@ -49,13 +49,9 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _result_json(source: str, result: dict) -> dict:
-    from rexedge.runtime.results import detections_to_json
+    from rexedge.runtime.batch import result_record
 
-    # the official wrapper's keys (but the raw token ids), then rexedge's
-    keep = ("success", "task", "image_size", "resized_size", "prompt", "raw_output", "extracted_predictions", "absent",
-            "stop_reason", "num_prompt_tokens", "num_output_tokens", "inference_time", "generation_time",
-            "tokens_per_second", "timings")
-    return {"image": source, **{k: result[k] for k in keep}, "detections": detections_to_json(result["detections"])}
+    return {"image": source, **result_record(result)}
 
 
 def _annotate(image, result: dict, out: Path) -> None:
@@ -101,12 +97,9 @@ def _check_request(args: argparse.Namespace) -> tuple[list[str] | None, list[lis
 
 def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_path) -> tuple[list[dict], list[str]]:
     """One record per image and the failures; a bad image is recorded and the others still run."""
-    from rexedge.runtime.api import RexOmni
-
     categories, boxes = _check_request(args)
     _check_outputs(args)
-    model = RexOmni(model_path, backend=args.backend, device=args.device, decoding=args.decoding,
-                    max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
+    model = model_from_args(args, model_path)
     records, failures = [], []
     for index, (image, name) in enumerate(zip(images, names)):
         try:
@@ -179,10 +172,10 @@ def _batch(args: argparse.Namespace) -> None:
     batch_command(args)
 
 
-def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
-    """Model and request options shared by the video and batch pipelines."""
+def _add_request_options(p: argparse.ArgumentParser) -> None:
+    """The model and request options of every command that runs the model (detect, video, batch)."""
     p.add_argument("--model", required=True, help="bundle directory (ort) or checkpoint directory (torch)")
-    p.add_argument("--backend", default="ort", help="ort (default) or torch")
+    p.add_argument("--backend", default="ort", help="ort (default), torch or trt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--task", default="detection")
     p.add_argument("--categories", help="comma-separated categories")
@@ -190,7 +183,16 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--visual-prompt-boxes", help="boxes in pixels: 'x0,y0,x1,y1;x0,y0,x1,y1'")
     p.add_argument("--decoding", choices=["structured", "exact"], default="structured")
     p.add_argument("--max-new-tokens", type=int, default=4096)
-    p.add_argument("--out", required=True, metavar="RESULTS.jsonl", help="one JSON line per frame / image")
+    p.add_argument("--constrain-phrases", action="store_true",
+                   help="structured detection/pointing: each phrase is one of the categories (default: free text)")
+
+
+def model_from_args(args: argparse.Namespace, model_path=None):
+    """The RexOmni that the request options ask for (``model_path`` overrides --model)."""
+    from rexedge.runtime.api import RexOmni
+
+    return RexOmni(args.model if model_path is None else model_path, backend=args.backend, device=args.device,
+                   decoding=args.decoding, max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -254,17 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="run a task on images and print the results as JSON")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--model", required=True, help="bundle directory (ort) or checkpoint directory (torch)")
-    p.add_argument("--backend", default="ort", help="ort (default) or torch")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--task", default="detection")
-    p.add_argument("--categories", help="comma-separated categories")
-    p.add_argument("--keypoint-type", choices=["person", "animal"])
-    p.add_argument("--visual-prompt-boxes", help="boxes in pixels: 'x0,y0,x1,y1;x0,y0,x1,y1'")
-    p.add_argument("--decoding", choices=["structured", "exact"], default="structured")
-    p.add_argument("--max-new-tokens", type=int, default=4096)
-    p.add_argument("--constrain-phrases", action="store_true",
-                   help="structured detection/pointing: each phrase is one of the categories (default: free text)")
+    _add_request_options(p)
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of printing it")
     p.add_argument("--annotate", metavar="OUT.png", help="draw the results (one file per image: OUT_i.png)")
     p.set_defaults(handler=_detect)
@@ -277,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("video", help="detections frame by frame from a video file, camera, URL or GStreamer pipeline")
     p.add_argument("input", metavar="INPUT", help="video file, camera index (0, 1, ...), URL, or GStreamer pipeline")
-    _add_pipeline_options(p)
+    _add_request_options(p)
+    p.add_argument("--out", required=True, metavar="RESULTS.jsonl", help="one JSON line per frame / image")
     p.add_argument("--annotate", metavar="OUT.mp4", help="write the processed frames with the results drawn (.mp4/.avi)")
     p.add_argument("--annotate-fps", type=float, help="frame rate of --annotate (default: the source's / --every; "
                    "5 for live sources)")
@@ -289,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="run a task on many images to resumable JSONL (and COCO) results")
     p.add_argument("inputs", nargs="+", metavar="INPUTS", help="folders, globs, list files (.txt) or images")
-    _add_pipeline_options(p)
+    _add_request_options(p)
+    p.add_argument("--out", required=True, metavar="RESULTS.jsonl", help="one JSON line per frame / image")
     p.add_argument("--coco", metavar="OUT.json", help="also write the results in the COCO results format")
     p.add_argument("--category-ids", metavar="MAP.json", help="{phrase: id} or a COCO annotation file (with --coco)")
     p.add_argument("--image-ids", metavar="MAP.json",

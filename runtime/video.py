@@ -70,7 +70,7 @@ class AnnotatedVideo:
 def video_command(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.cli import model_from_args
     from rexedge.runtime.prompts import parse_boxes, parse_categories
 
     source: Any = int(args.input) if args.input.isdigit() else args.input
@@ -78,8 +78,7 @@ def video_command(args: argparse.Namespace) -> None:
     boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
     if args.max_frames is not None and args.max_frames < 1:
         raise StreamError(f"--max-frames: expected at least 1, got {args.max_frames}")
-    model = RexOmni(args.model, backend=args.backend, device=args.device, decoding=args.decoding,
-                    max_tokens=args.max_new_tokens)
+    model = model_from_args(args)
     stream = model.stream(source, args.task, categories, args.keypoint_type, boxes, live=args.live, every=args.every)
     with stream:
         annotated = None
