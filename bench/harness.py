@@ -124,7 +124,7 @@ def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario]
         source = resolve_model(model, backends, baseline, precision, scratch, device, log)
         max_context = _max_context(source, scenarios)
         bandwidth = _bandwidth(device)
-        load_start = os.getloadavg()[0]
+        load_start, started = os.getloadavg()[0], datetime.datetime.now().astimezone()
         base_rss = PeakRss.current()
         runners, load_rss = {}, {}
         for name in [*backends, *([baseline] if baseline else [])]:
@@ -133,22 +133,18 @@ def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario]
             log(f"bench: loading {name}")
             runners[name] = _make_runner(name, source, device, max_context, precision, threads)
             load_rss[name] = PeakRss.current() - before
+        memory = {name: Memory(base_rss, load) for name, load in load_rss.items()}
         measured = []
         for scenario in scenarios:
-            measured.append((scenario, *_measure(runners, scenario, warmup, repeats, log)))
+            runs = _measure(runners, memory, scenario, warmup, repeats, log)
+            measured.append((scenario, runs, {name: m.snapshot(runs[name]) for name, m in memory.items()}))
             bandwidth = _bandwidth(device, bandwidth)
-        records = []
-        for scenario, runs, run_peaks in measured:
-            for name, runner in runners.items():
-                memory = {"base_rss_bytes": base_rss, "load_rss_bytes": load_rss[name],
-                          "run_peak_extra_rss_bytes": run_peaks[name],
-                          "peak_rss_bytes": base_rss + load_rss[name] + run_peaks[name],
-                          "peak_gpu_bytes": max((r.peak_gpu_bytes or 0 for r in runs[name]), default=0) or None}
-                records.append(_record(name, name == baseline, scenario, runs[name], runner, memory, bandwidth))
+        records = [_record(name, name == baseline, scenario, runs[name], runner, snapshots[name], bandwidth)
+                   for scenario, runs, snapshots in measured for name, runner in runners.items()]
         _add_speedups(records, baseline)
         return {
             "schema": SCHEMA,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "date": started.isoformat(timespec="seconds"),
             "command": command,
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "device": device,
                         **bandwidth,
@@ -170,23 +166,41 @@ def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario]
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _measure(runners: dict[str, Any], scenario: Scenario, warmup: int, repeats: int,
-             log: Callable[[str], None]) -> tuple[dict[str, list[Run]], dict[str, int]]:
-    """Warm-up and timed rounds, each round going over every runner; the timed runs and each runner's
-    largest RSS rise within one run."""
+class Memory:
+    """One runner's resident memory, as if it were alone in the process: the base (imports, before
+    any runner), what loading it added, what its runs left resident (lazily mapped weights,
+    caches) and the largest rise within one run."""
+
+    def __init__(self, base: int, load: int) -> None:
+        self.base, self.load, self.retained, self.peak_extra = base, load, 0, 0
+
+    def run(self, runner: Any, scenario: Scenario, image: Any) -> Run:
+        start = PeakRss.current()
+        PeakRss.reset()
+        run = runner.run(scenario, image)
+        # other runners' memory is freed or kept by them, never by this run: rises only
+        self.peak_extra = max(self.peak_extra, self.retained + PeakRss.peak() - start)
+        self.retained += max(0, PeakRss.current() - start)
+        return run
+
+    def snapshot(self, runs: list[Run]) -> dict[str, int | None]:
+        return {"base_rss_bytes": self.base, "load_rss_bytes": self.load, "retained_rss_bytes": self.retained,
+                "peak_rss_bytes": self.base + self.load + self.peak_extra,
+                "peak_gpu_bytes": max((r.peak_gpu_bytes or 0 for r in runs), default=0) or None}
+
+
+def _measure(runners: dict[str, Any], memory: dict[str, Memory], scenario: Scenario, warmup: int, repeats: int,
+             log: Callable[[str], None]) -> dict[str, list[Run]]:
+    """Warm-up and timed rounds, each round going over every runner; the timed runs."""
     image = synthetic_image(scenario.image_size)
     runs: dict[str, list[Run]] = {name: [] for name in runners}
-    run_peaks = {name: 0 for name in runners}
     for round_ in range(warmup + repeats):
         for name, runner in runners.items():
-            start_rss = PeakRss.current()
-            PeakRss.reset()
-            run = runner.run(scenario, image)
-            run_peaks[name] = max(run_peaks[name], PeakRss.peak() - start_rss)
+            run = memory[name].run(runner, scenario, image)
             if round_ >= warmup:
                 runs[name].append(run)
         log(f"bench: {scenario.name}: round {round_ + 1}/{warmup + repeats}{' (warm-up)' if round_ < warmup else ''}")
-    return runs, run_peaks
+    return runs
 
 
 def _bandwidth(device: str, previous: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -203,7 +217,7 @@ def _bandwidth(device: str, previous: dict[str, Any] | None = None) -> dict[str,
                 "bandwidth_samples_gbs": []}
     samples = (previous or {}).get("bandwidth_samples_gbs", []) + [round(host_read_bandwidth(), 2)]
     return {"device_name": cpu_name(), "bandwidth_gbs": max(samples), "bandwidth_samples_gbs": samples,
-            "bandwidth_source": "measured: numpy sum of a 512 MiB float32 buffer, best of the samples"}
+            "bandwidth_source": "measured: numpy sums of a 512 MiB float32 buffer, a slice per core, best sample"}
 
 
 def _parameters(cfg: RexOmniConfig) -> int | None:

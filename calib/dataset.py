@@ -24,13 +24,13 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from rexedge.calib.graph_backend import Feeds, GraphBackend, vision_feeds
+from rexedge.runtime.api import encode_request
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.grammar import make_grammar
 from rexedge.runtime.head import Sampling
 from rexedge.runtime.loop import DecodeLoop, Limits
-from rexedge.runtime.positions import rope_positions
 from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, PreprocessedImage, preprocess
-from rexedge.runtime.prompts import TASKS, build_task_prompt, encode_prompt
+from rexedge.runtime.prompts import TASKS, build_task_prompt
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -136,8 +136,7 @@ def build_request(backend: Any, sample: CalibrationSample, image: PreprocessedIm
     boxes = [(x0 * width, y0 * height, x1 * width, y1 * height) for x0, y0, x1, y1 in sample.box_fractions] or None
     task_prompt = build_task_prompt(sample.task, list(sample.categories) or None, sample.keypoint_type, boxes,
                                     image.image_size)
-    prompt_ids = np.asarray(encode_prompt(backend.tokenizer, ids, task_prompt, image.num_image_tokens), np.int64)
-    positions, rope_delta = rope_positions(prompt_ids, ids.image_pad, ids.vision_start, image.merged_grid_hw)
+    prompt_ids, positions, rope_delta = encode_request(backend.tokenizer, task_prompt, image)
     grammar = make_grammar(sample.task, ids, image.image_size, decode=backend.tokenizer.decode)
     return Request(image, prompt_ids, positions, rope_delta, grammar)
 

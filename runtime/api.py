@@ -41,8 +41,9 @@ from rexedge.runtime.parse import parse_prediction
 from rexedge.runtime.phrases import PhraseTable, phrase_table
 from rexedge.runtime.positions import rope_positions
 from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
-from rexedge.runtime.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt, build_task_prompt, encode_prompt
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt, build_task_prompt, encode_prompt
+from rexedge.runtime.tokenizer import Tokenizer
 
 # tasks whose phrases name a requested category (OCR phrases are recognized text)
 PHRASE_CONSTRAINED_TASKS = ("detection", "pointing")
@@ -127,12 +128,10 @@ class RexOmni:
         t0 = time.perf_counter()
         pre = preprocess(image, self.min_pixels, self.max_pixels, cfg=cfg, channel_order=channel_order)
         task_prompt = build_task_prompt(task, categories, keypoint_type, visual_prompt_boxes, pre.image_size)
-        prompt_ids = np.asarray(encode_prompt(self.tokenizer, ids, task_prompt, pre.num_image_tokens,
-                                              self.system_prompt), dtype=np.int64)
+        prompt_ids, positions, rope_delta = encode_request(self.tokenizer, task_prompt, pre, self.system_prompt)
         if len(prompt_ids) >= self.backend.max_context:
             raise RexEdgeError(f"the prompt needs {len(prompt_ids)} tokens but the backend holds "
                                f"{self.backend.max_context}; lower max_pixels or raise max_context")
-        positions, rope_delta = rope_positions(prompt_ids, ids.image_pad, ids.vision_start, pre.merged_grid_hw)
         grammar = make_grammar(task, ids, pre.image_size, decode=self.tokenizer.decode)
         phrases = None
         if self.constrain_phrases and task in PHRASE_CONSTRAINED_TASKS:
@@ -218,6 +217,16 @@ class PreparedRequest:
     grammar: Grammar
     preprocess_s: float
     phrases: PhraseTable | None = None
+
+
+def encode_request(tokenizer: Tokenizer, task_prompt: TaskPrompt, image: PreprocessedImage,
+                   system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> tuple[np.ndarray, np.ndarray, int]:
+    """The decoder's inputs for one image and prompt: token ids [T], M-RoPE positions [3, T], rope_delta."""
+    ids = tokenizer.ids
+    prompt_ids = np.asarray(encode_prompt(tokenizer, ids, task_prompt, image.num_image_tokens, system_prompt),
+                            dtype=np.int64)
+    positions, rope_delta = rope_positions(prompt_ids, ids.image_pad, ids.vision_start, image.merged_grid_hw)
+    return prompt_ids, positions, rope_delta
 
 
 def _per_image_categories(categories: Any, n: int) -> list[Any]:

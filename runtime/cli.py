@@ -174,7 +174,8 @@ def _batch(args: argparse.Namespace) -> None:
 
 def _add_request_options(p: argparse.ArgumentParser) -> None:
     """The model and request options of every command that runs the model (detect, video, batch)."""
-    p.add_argument("--model", required=True, help="bundle directory (ort) or checkpoint directory (torch)")
+    p.add_argument("--model", required=True, help="bundle directory (ort, trt), checkpoint directory (torch), "
+                   "or 'demo': the embedded default bundle (random weights)")
     p.add_argument("--backend", default="ort", help="ort (default), torch or trt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--task", default="detection")
@@ -190,8 +191,11 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
 def model_from_args(args: argparse.Namespace, model_path=None):
     """The RexOmni that the request options ask for (``model_path`` overrides --model)."""
     from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.demo import DEMO_BUNDLE
 
-    return RexOmni(args.model if model_path is None else model_path, backend=args.backend, device=args.device,
+    if model_path is None:
+        model_path = DEMO_BUNDLE if args.model == "demo" and not Path("demo").exists() else args.model
+    return RexOmni(model_path, backend=args.backend, device=args.device,
                    decoding=args.decoding, max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
 
 

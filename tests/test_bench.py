@@ -22,7 +22,7 @@ STAGE_METRICS = {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_
                  "decode_ms_per_token", "host_ms_per_token", "tokens_per_s", "boxes_per_s"}
 STEP_FIELDS = {"steps", "tokens", "ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token",
                "bytes_per_step", "floor_ms_per_step", "bandwidth_pct"}
-MEMORY_FIELDS = {"base_rss_bytes", "load_rss_bytes", "run_peak_extra_rss_bytes", "peak_rss_bytes", "peak_gpu_bytes"}
+MEMORY_FIELDS = {"base_rss_bytes", "load_rss_bytes", "retained_rss_bytes", "peak_rss_bytes", "peak_gpu_bytes"}
 # the documented output format (FACTS.md): groups joined by ", ", items by ",", then <|im_end|>
 GROUP = r"<\|object_ref_start\|>[^<]+<\|object_ref_end\|><\|box_start\|>(?:{item})(?:,(?:{item}))*<\|box_end\|>"
 
