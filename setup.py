@@ -28,7 +28,7 @@ setup(
     ext_modules=[
         Extension("rexedge.runtime._grammar", sources=["runtime/_grammar.c"], extra_compile_args=warnings),
     ],
-    install_requires=["numpy", "onnxruntime", "tokenizers", "pillow", "tqdm"],
+    install_requires=["numpy", "onnxruntime", "tokenizers", "pillow", "tqdm", "threadpoolctl"],
     extras_require={
         "export": [TORCH, "onnx", "safetensors>=0.8"],
         "kernels": [TORCH, "triton"],

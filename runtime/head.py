@@ -5,6 +5,11 @@ coordinate step multiplies 1,000 rows instead of the whole vocabulary (151,936 f
 real model); on a CPU that product is most of a small model's decode step, so the
 restriction is the main saving. Everything per token runs in pre-allocated buffers.
 
+The small products (coordinate rows, a few listed ids) run on one BLAS thread: split over
+threads they gain nothing, and on a busy CPU (a robot's camera and control loop beside us)
+waking the second thread waited for a time slice: 5-24 ms per coordinate step instead of
+0.2 ms (bench/RESULTS.md). The full-vocabulary product keeps every thread.
+
 Choosing a token (`choose`) follows transformers' order of logits processors:
 repetition penalty (divide positive logits of seen tokens, multiply negative ones),
 then, when sampling, temperature, top-k and top-p. The confidence returned with the
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from rexedge.runtime.errors import RexEdgeError
 
@@ -137,6 +143,27 @@ class Head(Protocol):
     def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]: ...
 
 
+class _OneBlasThread:
+    """A reusable context: numpy's BLAS libraries on one thread inside, their own count restored after.
+
+    threadpoolctl's ``limit()`` builds objects on every call; this keeps its library handles
+    and calls them directly, so a decode step allocates nothing for it.
+    """
+
+    def __init__(self) -> None:
+        self._libs = [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+        self._saved = [1] * len(self._libs)
+
+    def __enter__(self) -> None:
+        for i, lib in enumerate(self._libs):
+            self._saved[i] = lib.get_num_threads()
+            lib.set_num_threads(1)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for lib, threads in zip(self._libs, self._saved):
+            lib.set_num_threads(threads)
+
+
 class NumpyHead:
     """Logits of allowed rows of the tied embedding, penalty, choice: one call per step."""
 
@@ -153,6 +180,7 @@ class NumpyHead:
         self._listed_logits = np.empty(MAX_LISTED_IDS, dtype=np.float32)
         # the grammar hands out one cached tuple per state, so this holds a few entries
         self._index_arrays: dict[tuple[int, ...], np.ndarray] = {}
+        self._one_blas_thread = _OneBlasThread()
 
     def reset(self, prompt_ids: np.ndarray) -> None:
         self.chooser.reset(prompt_ids)
@@ -173,16 +201,19 @@ class NumpyHead:
         """Rows start..stop-1 (the coordinate tokens), plus a few extra ids."""
         n = stop - start
         logits = self._logits[: n + len(extra)]
-        np.dot(self.table[start:stop], hidden, out=logits[:n])
-        self.chooser.penalize(logits[:n], self.chooser.seen[start:stop])
-        if extra:
-            logits[n:] = self._listed(hidden, extra)
+        with self._one_blas_thread:
+            np.dot(self.table[start:stop], hidden, out=logits[:n])
+            self.chooser.penalize(logits[:n], self.chooser.seen[start:stop])
+            if extra:
+                logits[n:] = self._listed(hidden, extra)
         index, prob = self.chooser.choose(logits)
         return (start + index if index < n else extra[index - n]), prob
 
     def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]:
         """A short list of ids (CHOICE steps)."""
-        index, prob = self.chooser.choose(self._listed(hidden, ids))
+        with self._one_blas_thread:
+            logits = self._listed(hidden, ids)
+        index, prob = self.chooser.choose(logits)
         return ids[index], prob
 
     def _listed(self, hidden: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:

@@ -221,3 +221,32 @@ def test_listed_ids_beyond_the_buffer_are_refused() -> None:
     head.reset(np.arange(3))
     with pytest.raises(ValueError, match="expected 1..64 listed ids, got 65"):
         head.choose_ids(np.zeros(4, np.float32), tuple(range(65)))
+
+
+def test_small_products_run_on_one_blas_thread_and_the_full_head_on_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> int:
+        return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+    default = blas_threads()
+    threads_seen: list[int] = []
+    real_dot = np.dot
+
+    def spying_dot(*args, **kwargs):
+        threads_seen.append(blas_threads())
+        return real_dot(*args, **kwargs)
+
+    rng = np.random.default_rng(7)
+    head = NumpyHead(rng.standard_normal((1237, 33)).astype(np.float32), Sampling())
+    head.reset(np.array([3, 5]))
+    hidden = rng.standard_normal(33).astype(np.float32)
+    monkeypatch.setattr(np, "dot", spying_dot)
+    head.choose_range(hidden, 100, 1100, (7, 9))
+    head.choose_ids(hidden, (1, 2, 3))
+    small = list(threads_seen)
+    threads_seen.clear()
+    head.choose_full(hidden)
+    assert small and all(t == 1 for t in small), small
+    assert threads_seen == [default]
+    assert blas_threads() == default  # restored after each small product
