@@ -181,18 +181,19 @@ def test_head_calls_allocate_nothing_vocabulary_sized() -> None:
     blocked = rng.random(vocab) < 0.5
     calls = [lambda: head.choose_full(hidden), lambda: head.choose_full(hidden, blocked),
              lambda: head.choose_range(hidden, 3000, 4000, (7, 11)), lambda: head.choose_ids(hidden, (3, 9, 12000))]
-    for call in calls:
-        call()  # first calls fill caches
     tracemalloc.start()
     try:
+        for call in calls * 50:
+            call()  # fill the caches first (numpy keeps freed small buffers until its cache is full)
         for call in calls:
             tracemalloc.reset_peak()
             before = tracemalloc.get_traced_memory()[0]
             for _ in range(20):
                 call()
             current, peak = tracemalloc.get_traced_memory()
-            # a boolean mask over the vocabulary alone would be 16 KiB, the 1,000 coordinate logits 4 KiB
-            assert peak - before < 3000 and current - before < 1000
+            # a boolean mask over the vocabulary alone would be 16 KiB, the 1,000 coordinate logits
+            # 4 KiB; what is left is small Python objects (ints, tuples, ctypes arguments)
+            assert peak - before < 3500 and current - before < 1000
     finally:
         tracemalloc.stop()
 
