@@ -125,7 +125,10 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise BundleError(f"{directory}: no such bundle directory (create one with `rexedge export`)")
     if not path.is_file():
-        raise BundleError(f"{path}: missing; {directory} is not a rexedge bundle (create one with `rexedge export`)")
+        hint = ("it holds a checkpoint: run it with the torch backend (--backend torch), or make a bundle of it "
+                "with `rexedge export`" if (directory / "config.json").is_file()
+                else "create one with `rexedge export`")
+        raise BundleError(f"{path}: missing; {directory} is not a rexedge bundle ({hint})")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

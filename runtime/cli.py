@@ -193,8 +193,9 @@ def model_from_args(args: argparse.Namespace, model_path=None):
     from rexedge.runtime.api import RexOmni
     from rexedge.runtime.demo import DEMO_BUNDLE
 
-    if model_path is None:
-        model_path = DEMO_BUNDLE if args.model == "demo" and not Path("demo").exists() else args.model
+    model_path = args.model if model_path is None else model_path
+    if str(model_path) == "demo" and not Path("demo").exists():
+        model_path = DEMO_BUNDLE
     return RexOmni(model_path, backend=args.backend, device=args.device,
                    decoding=args.decoding, max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
 

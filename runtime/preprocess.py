@@ -236,6 +236,8 @@ def _open_path(path: Path) -> Image.Image:
         raise ImageError(f"{path}: no such image file")
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, expected an image file")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes), expected an image")
     try:
         with Image.open(path) as opened:
             opened.load()  # decode now, so a truncated file fails here and not mid-pipeline

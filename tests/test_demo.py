@@ -40,3 +40,21 @@ def test_shipped_assets_are_what_the_script_makes() -> None:
     bundle = load_bundle(DEMO_BUNDLE)  # every file's hash checks out
     assert bundle.config == RexOmniConfig.preset("tiny")
     assert bundle.precision == "fp32"
+
+
+def test_model_demo_names_the_embedded_bundle_and_a_checkpoint_gets_a_hint(tmp_path: Path,
+                                                                          tiny_checkpoint: Path) -> None:
+    out = tmp_path / "out.json"
+    argv = ["detect", str(DEMO_IMAGE), "--model", "demo", "--categories", DEMO_CATEGORIES, "--constrain-phrases",
+            "--max-new-tokens", "64", "--json", str(out)]
+    result = subprocess.run([sys.executable, "-m", "rexedge.runtime.cli", *argv], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [record] = json.loads(out.read_text())
+    assert record["success"] and record["image_size"] == list(Image.open(DEMO_IMAGE).size)
+
+    argv = ["detect", str(DEMO_IMAGE), "--model", str(tiny_checkpoint), "--categories", "cup"]
+    result = subprocess.run([sys.executable, "-m", "rexedge.runtime.cli", *argv], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "not a rexedge bundle (it holds a checkpoint: run it with the torch backend (--backend torch)" in result.stderr

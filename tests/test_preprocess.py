@@ -258,6 +258,12 @@ def _truncated_png(tmp_path: Path) -> Path:
     return path
 
 
+def _empty_file(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    return path
+
+
 def _noise_file(tmp_path: Path) -> Path:
     path = tmp_path / "noise.png"
     path.write_bytes(np.random.default_rng(10).integers(0, 256, 1024, dtype=np.uint8).tobytes())
@@ -270,6 +276,7 @@ def _noise_file(tmp_path: Path) -> Path:
         (lambda tmp: tmp / "missing.jpg", "missing.jpg: no such image file"),
         (lambda tmp: tmp, "is a directory"),
         (lambda tmp: _noise_file(tmp), "noise.png: not an image"),
+        (lambda tmp: _empty_file(tmp), r"empty.jpg: empty file \(0 bytes\)"),
         (lambda tmp: _truncated_png(tmp), "truncated.png: unreadable or corrupt"),
         (lambda tmp: Image.new("RGB", (0, 5)), "PIL image is empty"),
         (lambda tmp: Image.new("F", (5, 5)), "floating-point"),
