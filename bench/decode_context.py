@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,26 +52,35 @@ def write_random_checkpoint(out: Path, cfg: RexOmniConfig = BENCH_CONFIG, seed: 
     return out
 
 
-def time_steps(backends: dict, warmup: int, steps: int, rng: np.random.Generator) -> dict[int, float]:
-    """Median ms of a single-token step per context length, one backend per context.
+def kv_bytes_per_token(cfg: RexOmniConfig, itemsize: int) -> int:
+    """Bytes the KV cache holds per token (keys and values of every layer)."""
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
 
-    Steps alternate between the backends, so a change in machine load (other processes
-    on a shared machine) affects every context alike instead of the one timed last."""
-    for context, backend in backends.items():
+
+def time_steps(runners: dict[Any, Any], contexts: dict[Any, int], warmup: int, steps: int,
+               rng: np.random.Generator) -> dict[Any, list[float]]:
+    """ms of each single-token step after warm-up, per runner, each prefilled with its context.
+
+    A runner has ``prefill(embeds, positions)``, ``step(token_ids, positions)``,
+    ``cache_length``, ``config`` and ``embed_table`` (a backend, or a stand-in). Steps
+    alternate between the runners, so a change in machine load (other processes on a shared
+    machine) affects every runner alike instead of the one timed last."""
+    for key, runner in runners.items():
+        context = contexts[key]
         positions = np.tile(np.arange(context, dtype=np.int64), (3, 1))
-        backend.prefill(rng.standard_normal((context, backend.config.hidden_size), dtype=np.float32) * 0.05, positions)
+        runner.prefill(rng.standard_normal((context, runner.config.hidden_size), dtype=np.float32) * 0.05, positions)
     token = np.zeros(1, np.int64)
     position = np.zeros((3, 1), np.int64)
-    times: dict[int, list[float]] = {context: [] for context in backends}
+    times: dict[Any, list[float]] = {key: [] for key in runners}
     for i in range(warmup + steps):
-        for context, backend in backends.items():
-            token[0] = rng.integers(backend.embed_table.shape[0])
-            position[:] = backend.cache_length
+        for key, runner in runners.items():
+            token[0] = rng.integers(runner.embed_table.shape[0])
+            position[:] = runner.cache_length
             start = time.perf_counter()
-            backend.step(token, position)
+            runner.step(token, position)
             if i >= warmup:
-                times[context].append((time.perf_counter() - start) * 1e3)
-    return {context: statistics.median(t) for context, t in times.items()}
+                times[key].append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,14 +100,15 @@ def main(argv: list[str] | None = None) -> dict:
         bundle = export_bundle(checkpoint, Path(tmp) / "bundle", progress=False)
         capacity = max(args.contexts) + args.warmup + args.steps
         backends = {c: load_backend("ort", bundle, max_context=capacity, threads=args.threads) for c in args.contexts}
-        ms = time_steps(backends, args.warmup, args.steps, np.random.default_rng(0))
+        times = time_steps(backends, {c: c for c in backends}, args.warmup, args.steps, np.random.default_rng(0))
+        ms = {context: statistics.median(t) for context, t in times.items()}
         weight_bytes = (bundle / "decoder.onnx.data").stat().st_size
     cfg = BENCH_CONFIG
-    kv_bytes_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    kv_bytes = kv_bytes_per_token(cfg, 4)
     first, last = args.contexts[0], args.contexts[-1]
     # what a step must read: the weights plus the cached keys/values attention looks at;
     # a per-step copy of the cache would add to this, so the measured ratio stays near it
-    read_ratio = (weight_bytes + kv_bytes_per_token * last) / (weight_bytes + kv_bytes_per_token * first)
+    read_ratio = (weight_bytes + kv_bytes * last) / (weight_bytes + kv_bytes * first)
     result = {
         "config": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
                    "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "decoder_weight_bytes": weight_bytes},

@@ -21,13 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from rexedge.bench.decode_context import BENCH_CONFIG, write_random_checkpoint
+from rexedge.bench.decode_context import BENCH_CONFIG, kv_bytes_per_token, time_steps, write_random_checkpoint
 from rexedge.export.config import RexOmniConfig
 
 ORIN_BANDWIDTH = 204.8e9  # bytes/s, Jetson AGX Orin (FACTS.md)
@@ -90,10 +89,6 @@ class KvInOutDecoder:
         return self._hidden[0, 0]
 
 
-def kv_bytes_per_token(cfg: RexOmniConfig, itemsize: int) -> int:
-    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * itemsize
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[200, 2000])
@@ -115,19 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         for context in args.contexts:
             runners["ort", context] = load_backend("ort", bundles["ort"], max_context=capacity, threads=args.threads)
             runners["trt", context] = KvInOutDecoder(bundles["trt"], capacity, args.threads)
-        for (_, context), runner in runners.items():
-            embeds = rng.standard_normal((context, BENCH_CONFIG.hidden_size), dtype=np.float32) * 0.05
-            runner.prefill(embeds, np.tile(np.arange(context, dtype=np.int64), (3, 1)))
-        token, position = np.zeros(1, np.int64), np.zeros((3, 1), np.int64)
-        times: dict[tuple[str, int], list[float]] = {key: [] for key in runners}
-        for i in range(args.warmup + args.steps):
-            for key, runner in runners.items():  # alternate, so machine load hits every case alike
-                token[0] = rng.integers(runner.embed_table.shape[0])
-                position[:] = runner.cache_length
-                start = time.perf_counter()
-                runner.step(token, position)
-                if i >= args.warmup:
-                    times[key].append((time.perf_counter() - start) * 1e3)
+        times = time_steps(runners, {key: key[1] for key in runners}, args.warmup, args.steps, rng)
 
     cfg = BENCH_CONFIG
     per_token = kv_bytes_per_token(cfg, 4)

@@ -25,7 +25,6 @@ the same tokenizer and head, quantized graphs, and a manifest with valid hashes.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -47,7 +46,7 @@ from rexedge.calib.dataset import (
     plan_samples,
 )
 from rexedge.calib.graph_backend import GraphBackend
-from rexedge.runtime.bundle import DIGEST_KEY, INT8, MANIFEST, Bundle, GraphSpec, load_bundle, manifest_digest, sha256_file
+from rexedge.runtime.bundle import DIGEST_KEY, INT8, Bundle, GraphSpec, load_bundle, seal_manifest, staged_bundle
 from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS
 
 # Activation ranges by ONNX Runtime's MinMax calibrator, which reduces each tensor to its min and
@@ -139,15 +138,6 @@ def quantized_summary(path: Path) -> dict[str, int]:
             "int8_matmuls": len(fed), "float_matmuls": len(matmuls) - len(fed)}
 
 
-def _prepare_output(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CalibrationError(f"--out {out}: already exists and is not an empty directory")
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    (staging / ".work").mkdir(parents=True)
-    return staging
-
 
 def quantize_bundle(bundle_path: str | Path, out: str | Path, images: str | Path, tasks: Sequence[str] | None = None,
                     num: int = 16, steps: int = 8, seed: int = 0,
@@ -166,9 +156,9 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, images: str | Path
     tasks = check_tasks(tasks)
     samples = plan_samples(find_images(images), tasks, num, seed)
     out = Path(out)
-    staging = _prepare_output(out)
-    workdir = staging / ".work"
-    try:
+    with staged_bundle(out, CalibrationError, label="--out ") as staging:
+        workdir = staging / ".work"
+        workdir.mkdir()
         backend = GraphBackend(source)
         distinct = len(dict.fromkeys(s.image for s in samples))
         with tqdm(total=distinct, desc="calibrate: vision", unit="image", disable=not progress) as bar:
@@ -188,7 +178,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, images: str | Path
         summary = {key: quantized_summary(staging / spec.file)
                    for key, spec in (("vision", source.vision), ("decoder", source.decoder))}
         failures = {**vision.failures, **decoder.failures}
-        manifest = _int8_manifest(source, staging, {
+        seal_manifest(staging, _int8_manifest(source, {
             "library": "onnxruntime.quantization",
             "library_version": onnxruntime.__version__,
             "format": "QDQ",
@@ -206,14 +196,7 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, images: str | Path
             "graphs": summary,
             "skipped_images": failures,
             "source_manifest_sha256": source.manifest[DIGEST_KEY],
-        })
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        }))
     return out
 
 
@@ -222,7 +205,7 @@ def _data_file(spec: GraphSpec) -> str:
     return spec.file + ".data"
 
 
-def _int8_manifest(source: Bundle, staging: Path, quantization: dict[str, Any]) -> dict[str, Any]:
+def _int8_manifest(source: Bundle, quantization: dict[str, Any]) -> dict[str, Any]:
     # engines built from the fp32 graphs do not belong to the int8 ones (nor are their files copied)
     manifest = {k: v for k, v in source.manifest.items() if k not in (DIGEST_KEY, "engines")}
     manifest["precision"] = INT8
@@ -230,10 +213,6 @@ def _int8_manifest(source: Bundle, staging: Path, quantization: dict[str, Any]) 
     manifest["graphs"] = {**manifest["graphs"], **{key: {**manifest["graphs"][key], "data": _data_file(spec)}
                                                    for key, spec in (("vision", source.vision),
                                                                      ("decoder", source.decoder))}}
-    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                         for p in sorted(staging.iterdir()) if p.name != MANIFEST}
-    manifest = json.loads(json.dumps(manifest))
-    manifest[DIGEST_KEY] = manifest_digest(manifest)
     return manifest
 
 
@@ -243,8 +222,7 @@ def calibrate_command(args: Any) -> None:
     out = Path(args.out) if args.out else Path(args.bundle).with_name(Path(args.bundle).name + "-int8")
     path = quantize_bundle(args.bundle, out, args.images, tasks=tasks, num=args.num, steps=args.steps,
                            seed=args.seed, max_pixels=args.max_pixels, progress=not args.quiet)
-    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    q = manifest["quantization"]
+    q = load_bundle(path, verify_hashes=False).manifest["quantization"]
     for graph, counts in q["graphs"].items():
         print(f"{graph}: {counts['int8_matmuls']} int8 MatMuls ({counts['float_matmuls']} float: attention), "
               f"{counts['quantize_linear']} QuantizeLinear, {counts['dequantize_linear']} DequantizeLinear")

@@ -13,9 +13,7 @@ described in :mod:`rexedge.runtime.bundle`.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -31,15 +29,7 @@ from rexedge.export.onnx_graph import ExternalData
 from rexedge.export.onnx_vision import MERGED, PATCHES, WINDOWS, build_vision_graph
 from rexedge.export.profiles import decoder_profiles, vision_profiles
 from rexedge.runtime.backends.base import DEFAULT_MAX_CONTEXT
-from rexedge.runtime.bundle import (
-    DIGEST_KEY,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    PRECISIONS,
-    manifest_digest,
-    sha256_file,
-)
+from rexedge.runtime.bundle import FORMAT, FORMAT_VERSION, PRECISIONS, seal_manifest, staged_bundle
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS
 from rexedge.runtime.tokenizer import Tokenizer
@@ -115,15 +105,6 @@ def _check_tokenizer(cfg: RexOmniConfig, tokenizer: Tokenizer, where: Path) -> N
                           f"embedding's {cfg.vocab_size} rows")
 
 
-def _prepare_output(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out}: already exists and is not an empty directory")
-    staging = out.with_name(out.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    return staging
-
 
 def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp32", flavour: str = "ort",
                   progress: bool = True) -> Path:
@@ -148,8 +129,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                           f"the input embedding and the head, so only tied checkpoints can be exported")
     tokenizer = Tokenizer.from_dir(checkpoint)
     _check_tokenizer(cfg, tokenizer, checkpoint)
-    staging = _prepare_output(out)
-    try:
+    with staged_bundle(out, ExportError) as staging:
         np_dtype = np.float16 if precision == "fp16" else np.float32
         vision_data = ExternalData(staging / (VISION_FILE + ".data"))
         decoder_data = ExternalData(staging / (DECODER_FILE + ".data"))
@@ -186,9 +166,6 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                 graphs[key]["profiles"] = _trt_profiles(cfg, key, graphs[key])
         tokenizer.save(staging / TOKENIZER_FILE)
 
-        if progress:
-            print("export: hashing files", flush=True)
-        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(staging.iterdir())}
         ids = tokenizer.ids
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -201,17 +178,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
             "head": {"file": EMBED_FILE, "dtype": "float32", "shape": [cfg.vocab_size, cfg.hidden_size],
                      "coord_rows": [ids.coord_start, ids.coord_start + ids.num_coords]},
             "graphs": graphs,
-            "files": files,
         }
-        manifest = json.loads(json.dumps(manifest))  # tuples -> lists, so the digest sees what a reader sees
-        manifest[DIGEST_KEY] = manifest_digest(manifest)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if progress:
+            print("export: hashing files", flush=True)
+        seal_manifest(staging, manifest)
     return out
 
 

@@ -24,6 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -164,6 +167,40 @@ def _verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]], hashe
             raise BundleError(f"{path}: {size} bytes, {MANIFEST} records {entry['bytes']}: the file was altered")
         if hashes and sha256_file(path) != entry["sha256"]:
             raise BundleError(f"{path}: sha256 differs from {MANIFEST}: the file was altered")
+
+
+@contextmanager
+def staged_bundle(out: Path, error: type[Exception], label: str = "") -> Iterator[Path]:
+    """A fresh ``OUT.partial`` directory to write a bundle into, renamed to ``out`` when the block ends.
+
+    ``out`` must not exist or be empty (else ``error``, its message starting with ``label``
+    and the path); if the block fails the partial directory is removed, so a bundle appears
+    whole or not at all."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise error(f"{label}{out}: already exists and is not an empty directory")
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def seal_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """List every file of ``directory`` (sha256 and size) in ``manifest``, sign it, and write it there."""
+    manifest = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
+    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+    manifest = json.loads(json.dumps(manifest))  # tuples -> lists, so the digest sees what a reader sees
+    manifest[DIGEST_KEY] = manifest_digest(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    return manifest
 
 
 def update_manifest(path: str | Path, updates: Mapping[str, Any], added_files: Iterable[str] = ()) -> dict[str, Any]:

@@ -32,7 +32,7 @@ except ImportError:  # the runtime core installs without torch
 if TYPE_CHECKING:
     from rexedge.runtime.preprocess import PreprocessedImage
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
 
 
@@ -47,13 +47,13 @@ class TorchBackend:
             raise BackendError("the torch backend needs torch: pip install rexedge[export]")
         if device != "cpu":
             raise BackendError(f"torch CPU backend: device {device!r}; use device='cpu' (or 'cuda' through load_backend)")
-        if dtype not in _DTYPES:
-            raise BackendError(f"torch backend: dtype {dtype!r}, expected one of {sorted(_DTYPES)}")
+        if dtype not in TORCH_DTYPES:
+            raise BackendError(f"torch backend: dtype {dtype!r}, expected one of {sorted(TORCH_DTYPES)}")
         from rexedge.export.checkpoint import load_model
         from rexedge.export.model import KVCache
         from rexedge.runtime.tokenizer import Tokenizer
 
-        torch_dtype = getattr(torch, _DTYPES[dtype])
+        torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         self._model = load_model(model_path, dtype=torch_dtype)
         self.config = self._model.config
         if not 1 <= max_context <= self.config.max_position_embeddings:

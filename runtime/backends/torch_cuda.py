@@ -33,6 +33,7 @@ from rexedge.runtime.backends.base import (
     check_positions,
     check_token_ids,
 )
+from rexedge.runtime.backends.torch_cpu import TORCH_DTYPES
 from rexedge.runtime.head import Sampling
 
 try:
@@ -43,8 +44,6 @@ except ImportError:  # the runtime core installs without torch
 if TYPE_CHECKING:
     from rexedge.runtime.preprocess import PreprocessedImage
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
 MAX_APPEND = 64   # the most tokens one step appends (the decode loop's jump-forward buffer)
 MAX_EXTRA = 64    # the most extra / choice ids one head step takes
 
@@ -167,12 +166,12 @@ class TorchCudaBackend:
     def __init__(self, model_path: str | Path, device: str = "cuda", max_context: int = DEFAULT_MAX_CONTEXT,
                  dtype: str = "bfloat16") -> None:
         require_cuda(device)
-        if dtype not in _DTYPES:
-            raise BackendError(f"torch backend: dtype {dtype!r}, expected one of {sorted(_DTYPES)}")
+        if dtype not in TORCH_DTYPES:
+            raise BackendError(f"torch backend: dtype {dtype!r}, expected one of {sorted(TORCH_DTYPES)}")
         from rexedge.export.checkpoint import load_model
         from rexedge.runtime.tokenizer import Tokenizer
 
-        model = load_model(model_path, dtype=getattr(torch, _DTYPES[dtype]), device=torch.device(device))
+        model = load_model(model_path, dtype=getattr(torch, TORCH_DTYPES[dtype]), device=torch.device(device))
         self._setup(model, Tokenizer.from_dir(model_path), max_context)
 
     @classmethod
