@@ -275,7 +275,8 @@ def _head_rows(kind: str, cfg: RexOmniConfig) -> int:
 
 
 def _steps(runs: list[Run], runner: Any, bandwidth_gbs: float | None) -> dict[str, Any]:
-    """Per step kind: counts, ms per step (head + backend), ms per token, bytes read, the floor, % of bandwidth."""
+    """Per step kind (the kind of the choice that opens a step; its forced tokens ride along): counts,
+    tokens, ms per step (head + backend), ms per token, bytes read, the floor, % of bandwidth."""
     out = {}
     kinds = [k for k in (*STEP_KINDS, "full") if any(s.kind == k for s in runs[0].steps)]
     for kind in kinds:
@@ -288,6 +289,7 @@ def _steps(runs: list[Run], runner: Any, bandwidth_gbs: float | None) -> dict[st
         out[kind] = {
             "steps": sum(1 for s in runs[0].steps if s.kind == kind),
             "tokens": sum(s.tokens for s in runs[0].steps if s.kind == kind),
+            "forced_tokens": sum(s.forced for s in runs[0].steps if s.kind == kind),
             "ms_per_step": _ms(total_s),
             "head_ms_per_step": _ms([s.head_s for s in steps]),
             "backend_ms_per_step": _ms([s.backend_s for s in steps]),

@@ -15,7 +15,8 @@ def _median(metric: dict[str, Any] | None) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    """One line per record: medians (ms) per stage, rates, speedups, peak RSS; then the step kinds."""
+    """One line per record: medians (ms) per stage, rates, speedups, peak RSS; then the step kinds
+    (steps, the tokens they appended and how many of those were forced)."""
     header = ["scenario", "backend", "tokens", *(label for _, label in STAGE_COLUMNS), "tok/s", "box/s",
               "x e2e", "x tok", "RSS MB"]
     rows = []
@@ -28,12 +29,12 @@ def table(result: dict[str, Any]) -> str:
                      "-" if speedup is None else f"{speedup['decode_per_token']:.2f}",
                      f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}"])
     lines = [_format(header, rows)]
-    step_header = ["scenario", "backend", "kind", "steps", "tokens", "ms/step", "p90", "head ms", "ms/tok",
+    step_header = ["scenario", "backend", "kind", "steps", "tokens", "forced", "ms/step", "p90", "head ms", "ms/tok",
                    "MB read", "floor ms", "% bw"]
     step_rows = []
     for r in result["records"]:
         for kind, s in r["steps"].items():
-            step_rows.append([r["scenario"], r["backend"], kind, str(s["steps"]), str(s["tokens"]),
+            step_rows.append([r["scenario"], r["backend"], kind, str(s["steps"]), str(s["tokens"]), str(s["forced_tokens"]),
                               f"{s['ms_per_step']['median']:.2f}", f"{s['ms_per_step']['p90']:.2f}",
                               f"{s['head_ms_per_step']['median']:.2f}", f"{s['ms_per_token']['median']:.2f}",
                               f"{s['bytes_per_step'] / 1e6:.1f}",

@@ -9,8 +9,10 @@ the grammar and the run stops with an error. Forced tokens never reach the head;
 ``observe``s every appended token, which is checked against the script too.
 
 ``TimedBackend`` wraps the backend the loop steps: each ``step`` is timed and recorded
-with the kind of the choice that preceded it (free / coord / choice, or forced when the
-head was not asked) and the head's time for that choice.
+with the kind of the choice whose token opens it (free / coord / choice, or forced when
+the head was not asked: a step of forced tokens only), the head's time for that choice,
+and how many of its tokens are forced (the loop sends the forced tokens that follow a
+choice in the choice's own step).
 """
 
 from __future__ import annotations
@@ -101,11 +103,12 @@ class ScriptedHead:
 
 @dataclass(frozen=True)
 class StepRecord:
-    kind: str          # free | coord | choice | forced: the choice that produced the appended tokens
+    kind: str          # free | coord | choice: the choice whose token opens the step; forced: no choice
     tokens: int        # tokens appended by this backend step
     head_s: float      # the head's time for that choice
     backend_s: float   # backend.step
     context: int       # tokens in the cache before the step
+    forced: int = 0    # of ``tokens``, those appended without the head (the grammar's forced tokens)
 
 
 class TimedBackend:
@@ -128,5 +131,8 @@ class TimedBackend:
         context = self._backend.cache_length
         start = time.perf_counter()
         hidden = self._backend.step(token_ids, position_ids)
-        self.records.append(StepRecord(kind, len(token_ids), head_s, time.perf_counter() - start, context))
+        backend_s = time.perf_counter() - start
+        # a step holds at most one chosen token, its first; the rest are forced
+        forced = len(token_ids) - (kind != FORCED_KIND)
+        self.records.append(StepRecord(kind, len(token_ids), head_s, backend_s, context, forced))
         return hidden

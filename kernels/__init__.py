@@ -5,6 +5,11 @@
   the logits leaving the device (coordinate, choice and full-vocabulary steps).
 - :mod:`rexedge.kernels.decode_attention`: M-RoPE + KV-cache append + split-context
   grouped-query attention for one (or a few) new tokens (flash-decoding).
+- :mod:`rexedge.kernels.rmsnorm`: residual add fused with the RMSNorm after it (one launch
+  instead of seven per norm at decode time).
+
+tests/test_kernel_compile.py compiles every launch the launchers make for sm_90 and sm_87
+without a GPU, which the interpreter cannot check (types, block shapes, shared memory).
 
 Submodules import triton; this package file does not, so the error type is importable
 without it. On a CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before import).

@@ -63,23 +63,24 @@ def _rotary_append_kernel(
     sin1 = tl.load(sin_base + i, mask=m, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_base + half + i, mask=m, other=0.0).to(tl.float32)
     if head < HQ:
-        src = q_ptr + b * sq_b + t * sq_t + head * sq_h
-        x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + half + i, mask=m, other=0.0).to(tl.float32)
-        dst = q_out_ptr + b * sqo_b + t * sqo_t + head * sqo_h
+        # (the branches name their pointers apart: a variable must keep one type across an if / else)
+        q_src = q_ptr + b * sq_b + t * sq_t + head * sq_h
+        x1 = tl.load(q_src + i, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(q_src + half + i, mask=m, other=0.0).to(tl.float32)
+        q_dst = q_out_ptr + b * sqo_b + t * sqo_t + head * sqo_h
         # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-        tl.store(dst + i, x1 * cos1 - x2 * sin1, mask=m)
-        tl.store(dst + half + i, x2 * cos2 + x1 * sin2, mask=m)
+        tl.store(q_dst + i, x1 * cos1 - x2 * sin1, mask=m)
+        tl.store(q_dst + half + i, x2 * cos2 + x1 * sin2, mask=m)
     else:
         kv = head - HQ
         slot = tl.load(cache_len_ptr + b) + t
-        src = k_ptr + b * sk_b + t * sk_t + kv * sk_h
-        x1 = tl.load(src + i, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + half + i, mask=m, other=0.0).to(tl.float32)
-        dst = k_cache_ptr + b * skc_b + kv * skc_h + slot.to(tl.int64) * skc_s
+        k_src = k_ptr + b * sk_b + t * sk_t + kv * sk_h
+        x1 = tl.load(k_src + i, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(k_src + half + i, mask=m, other=0.0).to(tl.float32)
+        k_dst = k_cache_ptr + b * skc_b + kv * skc_h + slot.to(tl.int64) * skc_s
         ok = m & ((slot + 0 * i) < S_MAX)   # broadcast the scalar test to the lane mask
-        tl.store(dst + i, (x1 * cos1 - x2 * sin1).to(k_cache_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + half + i, (x2 * cos2 + x1 * sin2).to(k_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(k_dst + i, (x1 * cos1 - x2 * sin1).to(k_cache_ptr.dtype.element_ty), mask=ok)
+        tl.store(k_dst + half + i, (x2 * cos2 + x1 * sin2).to(k_cache_ptr.dtype.element_ty), mask=ok)
         j = tl.arange(0, 2 * BLOCK_HALF)
         vm = (j < D) & ((slot + 0 * j) < S_MAX)
         value = tl.load(v_ptr + b * sv_b + t * sv_t + kv * sv_h + j, mask=vm, other=0.0)

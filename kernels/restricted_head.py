@@ -8,7 +8,8 @@ token ``start + r`` for ``r < stop - start``, else ``extra_ids[r - (stop - start
 
 Semantics are :class:`rexedge.runtime.head.NumpyHead`'s: logits ``E[token] . hidden`` in
 fp32; repetition penalty on tokens marked in ``seen`` (positive logits divided, the rest
-multiplied); greedy = first maximal row; the returned probability is the chosen row's
+multiplied); rows marked in ``blocked`` (phrase steps: no coordinate or special token) get
+-inf; greedy = first maximal row; the returned probability is the chosen row's
 softmax over the allowed rows at temperature 1 after the penalty. Sampling draws
 ``argmax(logit / T + Gumbel(u))`` from caller-supplied uniforms ``u`` (the Gumbel-max
 form of sampling from softmax(logit / T)); top-k / top-p need the whole sorted row, so
@@ -39,13 +40,14 @@ def _head_partials_kernel(
     hidden_ptr, stride_hb,            # [B, H], unit stride along H
     table_ptr, stride_tv,             # [V, H], unit stride along H
     seen_ptr, stride_sb,              # [B, V] uint8: 1 where the token is in the prompt or output
+    blocked_ptr, stride_bb,           # [B, V] uint8: 1 where the token may not be chosen (BLOCKED only)
     ids_ptr,                          # [n - n_range] int64 extra token ids
     noise_ptr, stride_nb,             # [B, n] float32 uniforms in [0, 1) (SAMPLE only)
     logits_ptr, stride_lb,            # [B, n] float32 penalized logits (WRITE_LOGITS only)
     part_ptr, part_idx_ptr,           # [B, NB, 4] float32, [B, NB] int32
     start, n_range, n, H, num_blocks,
     penalty, inv_temperature,
-    SAMPLE: tl.constexpr, WRITE_LOGITS: tl.constexpr,
+    SAMPLE: tl.constexpr, WRITE_LOGITS: tl.constexpr, BLOCKED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -67,12 +69,16 @@ def _head_partials_kernel(
     seen = tl.load(seen_ptr + b * stride_sb + token, mask=valid, other=0)
     penalized = tl.where(acc > 0, acc / penalty, acc * penalty)
     logit = tl.where(seen != 0, penalized, acc)
+    if BLOCKED:
+        is_blocked = tl.load(blocked_ptr + b * stride_bb + token, mask=valid, other=0)
+        logit = tl.where(is_blocked != 0, float("-inf"), logit)
     logit = tl.where(valid, logit, float("-inf"))
     if WRITE_LOGITS:
         tl.store(logits_ptr + b * stride_lb + r, logit, mask=valid)
 
     block_max = tl.max(logit, axis=0)
-    block_sum = tl.sum(tl.exp(logit - block_max), axis=0)
+    # a block may be blocked whole (the coordinate rows at a phrase step): its sum is 0, not exp(-inf + inf)
+    block_sum = tl.sum(tl.exp(logit - tl.where(block_max == float("-inf"), 0.0, block_max)), axis=0)
     if SAMPLE:
         u = tl.load(noise_ptr + b * stride_nb + r, mask=valid, other=0.5)
         score = logit * inv_temperature - tl.log(-tl.log(u))
@@ -135,13 +141,15 @@ def restricted_head(
     penalty: float = 1.0,
     temperature: float = 0.0,
     noise: torch.Tensor | None = None,
+    blocked: torch.Tensor | None = None,
     token_out: torch.Tensor | None = None,
     prob_out: torch.Tensor | None = None,
     logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose one token per row of ``hidden`` [B, H] among ``[start, stop) + extra_ids``.
 
-    ``table`` [V, H] (fp32/fp16/bf16, unit stride along H); ``seen`` [B, V] uint8 or bool;
+    ``table`` [V, H] (fp32/fp16/bf16, unit stride along H); ``seen`` and ``blocked`` [B, V]
+    uint8 or bool (blocked rows are never chosen; at least one allowed row must stay open);
     ``extra_ids`` int64 on the device; ``noise`` [B, n] float32 uniforms, required when
     ``temperature > 0``. Returns (token [B] int64, probability [B] float32), written into
     ``token_out`` / ``prob_out`` when given; ``logits_out`` [B, n] float32 receives the
@@ -155,6 +163,10 @@ def restricted_head(
     batch, vocab = hidden.shape[0], table.shape[0]
     _check(seen.shape == (batch, vocab) and seen.stride(1) == 1 and seen.dtype in (torch.uint8, torch.bool),
            f"seen must be a [{batch}, {vocab}] uint8/bool mask with unit stride, got {seen.dtype} {tuple(seen.shape)}")
+    if blocked is not None:
+        _check(blocked.shape == (batch, vocab) and blocked.stride(1) == 1 and blocked.dtype in (torch.uint8, torch.bool),
+               f"blocked must be a [{batch}, {vocab}] uint8/bool mask with unit stride, got {blocked.dtype} "
+               f"{tuple(blocked.shape)}")
     _check(0 <= start <= stop <= vocab, f"need 0 <= start <= stop <= {vocab}, got start={start} stop={stop}")
     device = hidden.device
     if extra_ids is None:
@@ -183,7 +195,7 @@ def restricted_head(
         prob_out = torch.empty(batch, dtype=torch.float32, device=device)
     _check(token_out.shape == (batch,) and token_out.dtype == torch.int64, "token_out must be [B] int64")
     _check(prob_out.shape == (batch,) and prob_out.dtype == torch.float32, "prob_out must be [B] float32")
-    for name, t in (("table", table), ("seen", seen), ("extra_ids", extra_ids), ("noise", noise),
+    for name, t in (("table", table), ("seen", seen), ("blocked", blocked), ("extra_ids", extra_ids), ("noise", noise),
                     ("logits_out", logits_out), ("token_out", token_out), ("prob_out", prob_out)):
         _check(t is None or t.device == device, f"{name} is on {t.device if t is not None else None}, hidden on {device}")
 
@@ -191,14 +203,16 @@ def restricted_head(
     partials = torch.empty((batch, num_blocks, 4), dtype=torch.float32, device=device)
     part_idx = torch.empty((batch, num_blocks), dtype=torch.int32, device=device)
     seen_u8 = seen.view(torch.uint8) if seen.dtype == torch.bool else seen
+    blocked_u8 = None if blocked is None else blocked.view(torch.uint8) if blocked.dtype == torch.bool else blocked
     dummy = partials  # any device pointer for the arguments a mode does not read
     _head_partials_kernel[(num_blocks, batch)](
-        hidden, hidden.stride(0), table, table.stride(0), seen_u8, seen_u8.stride(0), extra_ids,
+        hidden, hidden.stride(0), table, table.stride(0), seen_u8, seen_u8.stride(0),
+        seen_u8 if blocked_u8 is None else blocked_u8, 0 if blocked_u8 is None else blocked_u8.stride(0), extra_ids,
         noise if sample else dummy, noise.stride(0) if sample else 0,
         logits_out if logits_out is not None else dummy, logits_out.stride(0) if logits_out is not None else 0,
         partials, part_idx, start, n_range, n, hidden.shape[1], num_blocks,
         float(penalty), 1.0 / temperature if sample else 1.0,
-        SAMPLE=sample, WRITE_LOGITS=logits_out is not None, BLOCK_R=BLOCK_R, BLOCK_H=BLOCK_H,
+        SAMPLE=sample, WRITE_LOGITS=logits_out is not None, BLOCKED=blocked is not None, BLOCK_R=BLOCK_R, BLOCK_H=BLOCK_H,
     )
     _head_reduce_kernel[(batch,)](
         partials, part_idx, extra_ids, token_out, prob_out, start, n_range, num_blocks,
@@ -245,6 +259,7 @@ def restricted_head_reference(
     noise: torch.Tensor | None = None,
     top_k: int = 0,
     top_p: float = 1.0,
+    blocked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same choice in plain torch: (token [B] int64, probability [B] float32, penalized logits [B, n])."""
     tokens = torch.arange(start, stop, device=table.device)
@@ -253,6 +268,8 @@ def restricted_head_reference(
     logits = hidden.float() @ table[tokens].float().T
     marked = seen[:, tokens].bool()
     logits = torch.where(marked, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if blocked is not None:
+        logits = logits.masked_fill(blocked[:, tokens].bool(), float("-inf"))
     if temperature == 0:
         index = torch.argmax(logits, dim=-1)
     else:

@@ -27,8 +27,9 @@ from threadpoolctl import ThreadpoolController
 
 from rexedge.runtime.errors import RexEdgeError
 
-# CHOICE steps and the extra ids of a COORD step are a handful of ids (the grammar's longest is 2)
-MAX_LISTED_IDS = 64
+# CHOICE steps and the extra ids of a COORD step are a handful of ids (the grammar's longest is 2);
+# a constrained phrase's branch point can list one id per category: the buffers grow to fit
+LISTED_IDS = 64
 
 
 class SamplingError(RexEdgeError, ValueError):
@@ -183,9 +184,9 @@ class NumpyHead:
         self.chooser = Chooser(vocab, sampling)
         self._logits = np.empty(vocab, dtype=np.float32)
         # listed ids (CHOICE, a COORD step's extra ids): their rows, seen flags and logits
-        self._listed_rows = np.empty((MAX_LISTED_IDS, embed_table.shape[1]), dtype=embed_table.dtype)
-        self._listed_seen = np.empty(MAX_LISTED_IDS, dtype=bool)
-        self._listed_logits = np.empty(MAX_LISTED_IDS, dtype=np.float32)
+        self._listed_rows = np.empty((LISTED_IDS, embed_table.shape[1]), dtype=embed_table.dtype)
+        self._listed_seen = np.empty(LISTED_IDS, dtype=bool)
+        self._listed_logits = np.empty(LISTED_IDS, dtype=np.float32)
         # the grammar hands out one cached tuple per state, so this holds a few entries
         self._index_arrays: dict[tuple[int, ...], np.ndarray] = {}
         self._one_blas_thread = _OneBlasThread()
@@ -228,10 +229,14 @@ class NumpyHead:
         """Penalized logits of `ids` (a view of a reused buffer): gathered rows @ hidden, no allocation."""
         rows = self._index_arrays.get(ids)
         if rows is None:
-            if not 0 < len(ids) <= MAX_LISTED_IDS:
-                raise ValueError(f"expected 1..{MAX_LISTED_IDS} listed ids, got {len(ids)}")
+            if not ids:
+                raise ValueError("expected at least one listed id")
             rows = self._index_arrays[ids] = np.array(ids, dtype=np.intp)
         k = len(ids)
+        if k > self._listed_logits.shape[0]:
+            self._listed_rows = np.empty((k, self.table.shape[1]), dtype=self.table.dtype)
+            self._listed_seen = np.empty(k, dtype=bool)
+            self._listed_logits = np.empty(k, dtype=np.float32)
         # mode="clip": take() buffers its output (a temporary) in the default mode="raise"
         table_rows = np.take(self.table, rows, axis=0, out=self._listed_rows[:k], mode="clip")
         seen = np.take(self.chooser.seen, rows, out=self._listed_seen[:k], mode="clip")

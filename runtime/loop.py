@@ -7,16 +7,28 @@ the choice of token run here (or, on a GPU backend, in the backend's own head). 
   repetition penalty over prompt and output, stop at <|im_end|>: the reference's tokens.
 - ``structured`` (default): the output grammar says what may come next. Phrase steps
   exclude coordinate and special tokens, COORD steps multiply only the 1,000
-  coordinate rows of the head, CHOICE steps a handful of rows,
-  FORCED tokens are appended several at a time in one backend step (jump-forward), and
-  the output is always in the task's grammar.
+  coordinate rows of the head, CHOICE steps a handful of rows, and the output is always
+  in the task's grammar. FORCED tokens (what the grammar allows as the only
+  continuation, e.g. <|object_ref_end|><|box_start|>, and with ``phrases`` the unique
+  rest of a category) need no head: they ride in the backend step of the token chosen
+  before them (jump-forward). One backend step = one chosen token + the forced tokens
+  after it, because only the next choice needs a hidden state, the one after the last of
+  them. A step appends at most ``MAX_STEP_TOKENS``; a longer run continues in further
+  steps.
+
+Step accounting (``Generation.steps``): backend steps by the kind of the head's choice
+that opened them (free / coord / choice); ``forced`` counts steps that hold forced tokens
+only (the continuation of a run longer than ``MAX_STEP_TOKENS``).
+``Generation.forced_tokens`` counts the forced tokens of the output.
 
 The grammar runs in both modes, so detections (and the guards that look at them) are
-the same machinery either way. Guards: max_new_tokens, a cap on boxes, four zero
-coordinates in a row, a box that repeats one already produced, a full KV cache. Each
-box's score is the geometric mean of its coordinates' probabilities under the softmax
-of the step that chose them (the coordinate rows in structured mode, the whole
-vocabulary in exact mode).
+the same machinery either way. Guards: max_new_tokens (counts every token, forced ones
+too), a cap on boxes, four zero coordinates in a row, a box that repeats one already
+produced, a full KV cache (a step whose tokens do not all fit is not run; the output ends
+with the chosen token or forced run that first did not fit). Each box's
+score is the geometric mean of its coordinates' probabilities under the softmax of the
+step that chose them (the coordinate rows in structured mode, the whole vocabulary in
+exact mode).
 """
 
 from __future__ import annotations
@@ -36,6 +48,9 @@ from rexedge.runtime.results import Detection
 from rexedge.runtime.tokenizer import TokenIds
 
 MODES = ("exact", "structured")
+# The most tokens one backend step appends: the loop's host buffers, and the CUDA backend's
+# jump-forward buffer (TorchCudaBackend's MAX_APPEND) holds as many.
+MAX_STEP_TOKENS = 64
 
 
 class DecodingError(RexEdgeError, ValueError):
@@ -64,7 +79,53 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     backend_s: float = 0.0              # time inside backend.step (decode_s minus this is host overhead)
-    steps: dict[str, int] = field(default_factory=dict)   # backend steps by kind
+    steps: dict[str, int] = field(default_factory=dict)   # backend steps by the kind of the choice that opened them
+    forced_tokens: int = 0              # output tokens appended without the head
+
+
+class _Answer:
+    """The tokens decoded so far and what the guards watch: boxes, their scores, zeros, the phrase."""
+
+    def __init__(self, ids: TokenIds, grammar, limits: Limits, stop_ids: set[int]) -> None:
+        self.ids, self.grammar, self.limits, self.stop_ids = ids, grammar, limits, stop_ids
+        self.tokens: list[int] = []
+        self.detections: list[Detection] = []
+        self.phrase: tuple[int, ...] = ()   # ids of the phrase being written (for the phrase table)
+        self.forced = 0                     # tokens appended without the head
+        self._coord_probs: list[float] = []
+        self._seen_boxes: set[tuple[str, tuple[int, ...]]] = set()
+        self._zeros_in_a_row = 0
+
+    def append(self, token: int, prob: float, in_phrase: bool) -> str | None:
+        """Add one token (``prob``: its probability when chosen); the stop reason it triggers, if any."""
+        ids, limits = self.ids, self.limits
+        self.tokens.append(token)
+        if token == ids.object_ref_start:
+            self.phrase = ()
+        elif in_phrase:
+            self.phrase += (token,)
+        if ids.coord_start <= token < ids.coord_start + ids.num_coords:
+            self._coord_probs.append(prob)
+            self._zeros_in_a_row = self._zeros_in_a_row + 1 if token == ids.coord_start else 0
+        else:
+            self._zeros_in_a_row = 0
+        if limits.stop_on_zero_box and self._zeros_in_a_row >= 4:
+            # the reference stops on "<0><0><0><0>" and drops it (a stop string): a box it
+            # completes is all zeros and is not kept
+            return "zero_box"
+        for det in self.grammar.advance(token):
+            key = (det.phrase, det.bins)
+            if limits.stop_on_repeated_box and key in self._seen_boxes:
+                return "repeated_box"
+            self._seen_boxes.add(key)
+            probs = self._coord_probs[-len(det.bins):]
+            det.score = math.exp(sum(math.log(max(p, 1e-30)) for p in probs) / len(probs))
+            self.detections.append(det)
+        if token in self.stop_ids:
+            return "eos"
+        if len(self.detections) >= limits.max_boxes:
+            return "max_boxes"
+        return None
 
 
 class DecodeLoop:
@@ -75,9 +136,9 @@ class DecodeLoop:
         if mode not in MODES:
             raise DecodingError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
         self.backend, self.head, self.ids, self.mode, self.limits = backend, head, ids, mode, limits
-        self._positions = np.empty((3, 64), dtype=np.int64)
-        self._token = np.empty(64, dtype=np.int64)
-        self._offsets = np.arange(64, dtype=np.int64)
+        self._positions = np.empty((3, MAX_STEP_TOKENS), dtype=np.int64)
+        self._token = np.empty(MAX_STEP_TOKENS, dtype=np.int64)
+        self._offsets = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
         self._stop_ids = {ids.im_end, ids.endoftext}
         self._blocked_by_allowed: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -92,7 +153,61 @@ class DecodeLoop:
             self._blocked_by_allowed[allowed] = blocked
         return blocked
 
-    def _step(self, tokens: tuple[int, ...], cache_len: int, rope_delta: int) -> np.ndarray:
+    def _what_next(self, grammar, phrases: PhraseTable | None, phrase: tuple[int, ...]) -> tuple[str, tuple[int, ...], bool]:
+        """(kind, ids, in_phrase): ``done``; ``forced`` (ids follow in order); or the head chooses at a
+        ``free`` (ids: what a phrase may use besides text, or () for anything), ``coord`` or ``choice`` step."""
+        kind, allowed = grammar.next()
+        if kind == DONE:
+            return "done", (), False
+        if self.mode == "exact":
+            return "free", (), False
+        if kind == FREE:
+            # a FREE step with ids is phrase text: no coordinate or special token but those ids
+            if allowed and phrases is not None:
+                forced, options = phrases.get(phrase, (True, allowed))
+                return ("forced" if forced else "choice"), options, True
+            return "free", allowed, bool(allowed)
+        return {COORD: "coord", CHOICE: "choice", FORCED: "forced"}[kind], allowed, False
+
+    def _choose(self, kind: str, allowed: tuple[int, ...], in_phrase: bool, hidden: np.ndarray) -> tuple[int, float]:
+        ids, head = self.ids, self.head
+        if kind == "coord":
+            return head.choose_range(hidden, ids.coord_start, ids.coord_start + ids.num_coords, allowed)
+        if kind == "choice":
+            return head.choose_ids(hidden, allowed)
+        return head.choose_full(hidden, self._text_blocked(allowed) if in_phrase else None)
+
+    def _next_run(self, grammar, phrases: PhraseTable | None, answer: _Answer, hidden: np.ndarray,
+                  room: int) -> tuple[str, list[int], str | None]:
+        """Decide the tokens of the next backend step, adding each to ``answer``: the head's choice at
+        ``hidden`` (unless the grammar forces what comes first), then every forced token after it.
+
+        Returns (step kind, tokens, stop reason or None). ``room``: KV slots left; once the tokens
+        so far overflow it no forced run is added, so the output ends with the run (a chosen token,
+        or one forced run) that first did not fit."""
+        step_kind, tokens = "forced", []
+        while len(answer.tokens) < self.limits.max_new_tokens:
+            kind, allowed, in_phrase = self._what_next(grammar, phrases, answer.phrase)
+            if kind == "done":
+                return step_kind, tokens, "grammar_done"
+            if kind == "forced":
+                if len(tokens) > room:
+                    return step_kind, tokens, None
+                new = [(t, 1.0) for t in allowed[: self.limits.max_new_tokens - len(answer.tokens)]]
+                answer.forced += len(new)
+            elif tokens:
+                return step_kind, tokens, None   # this choice needs the hidden state after `tokens`
+            else:
+                step_kind, new = kind, [self._choose(kind, allowed, in_phrase, hidden)]
+            for token, prob in new:
+                tokens.append(token)
+                self.head.observe(token)
+                stop = answer.append(token, prob, in_phrase)
+                if stop:
+                    return step_kind, tokens, stop
+        return step_kind, tokens, "max_new_tokens"   # nothing follows the last token: it needs no step
+
+    def _step(self, tokens: list[int], cache_len: int, rope_delta: int) -> np.ndarray:
         k = len(tokens)
         self._token[:k] = tokens
         # decode positions: cache position + rope_delta, the same on all three streams
@@ -107,7 +222,7 @@ class DecodeLoop:
         ``phrases`` (structured mode): constrain each phrase to one of these token sequences
         (``rexedge.runtime.phrases``); None keeps phrases free text.
         """
-        ids, limits, backend, head = self.ids, self.limits, self.backend, self.head
+        ids, backend = self.ids, self.backend
         t0 = time.perf_counter()
         embeds = backend.embed_table[prompt_ids].astype(np.float32)
         image_rows = np.flatnonzero(prompt_ids == ids.image_pad)
@@ -115,99 +230,27 @@ class DecodeLoop:
             raise ValueError(f"prompt has {image_rows.shape[0]} image tokens but the image gave {image_embeds.shape[0]} embeddings")
         embeds[image_rows] = image_embeds
         hidden = backend.prefill(embeds, positions)
-        head.reset(prompt_ids)
+        self.head.reset(prompt_ids)
         prefill_s = time.perf_counter() - t0
 
-        out: list[int] = []
-        coord_probs: list[float] = []
-        detections: list[Detection] = []
-        seen_boxes: set[tuple[str, tuple[int, ...]]] = set()
+        answer = _Answer(ids, grammar, self.limits, self._stop_ids)
         steps = {"free": 0, "coord": 0, "choice": 0, "forced": 0}
-        zeros_in_a_row = 0
-        phrase: tuple[int, ...] = ()        # ids of the phrase being written (for `phrases`)
         backend_s = 0.0
         cache_len = len(prompt_ids)
-        coord_start, coord_stop = ids.coord_start, ids.coord_start + ids.num_coords
-        stop_reason = "max_new_tokens"
         t1 = time.perf_counter()
-        while len(out) < limits.max_new_tokens:
-            kind, allowed = grammar.next()
-            in_phrase = self.mode == "structured" and kind == FREE and bool(allowed)
-            if in_phrase and phrases is not None:
-                forced, options = phrases.get(phrase, (True, allowed))
-                if forced:
-                    chosen = tuple((t, 1.0) for t in options[: limits.max_new_tokens - len(out)])
-                    step_kind = "forced"
-                else:
-                    chosen = (head.choose_ids(hidden, options),)
-                    step_kind = "choice"
-            elif self.mode == "exact" or kind == FREE:
-                # a FREE step with ids is phrase text: no coordinate or special token but those ids
-                chosen = (head.choose_full(hidden, self._text_blocked(allowed) if in_phrase else None),)
-                step_kind = "free"
-            elif kind == COORD:
-                chosen = (head.choose_range(hidden, coord_start, coord_stop, allowed),)
-                step_kind = "coord"
-            elif kind == CHOICE:
-                chosen = (head.choose_ids(hidden, allowed),)
-                step_kind = "choice"
-            elif kind == FORCED:
-                chosen = tuple((t, 1.0) for t in allowed[: limits.max_new_tokens - len(out)])
-                step_kind = "forced"
-            else:
-                assert kind == DONE
-                stop_reason = "grammar_done"
-                break
-
-            stop = None
-            for token, prob in chosen:
-                out.append(token)
-                head.observe(token)
-                if token == ids.object_ref_start:
-                    phrase = ()
-                elif in_phrase:
-                    phrase += (token,)
-                if coord_start <= token < coord_stop:
-                    coord_probs.append(prob)
-                    zeros_in_a_row = zeros_in_a_row + 1 if token == coord_start else 0
-                else:
-                    zeros_in_a_row = 0
-                if limits.stop_on_zero_box and zeros_in_a_row >= 4:
-                    # the reference stops on "<0><0><0><0>" and drops it (a stop string): a box it
-                    # completes is all zeros and is not kept
-                    stop = "zero_box"
-                    break
-                for det in grammar.advance(token):
-                    key = (det.phrase, det.bins)
-                    if limits.stop_on_repeated_box and key in seen_boxes:
-                        stop = "repeated_box"
-                        break
-                    seen_boxes.add(key)
-                    n = len(det.bins)
-                    probs = coord_probs[-n:]
-                    det.score = math.exp(sum(math.log(max(p, 1e-30)) for p in probs) / len(probs))
-                    detections.append(det)
-                if stop:
-                    break
-                if token in self._stop_ids:
-                    stop = "eos"
-                elif len(detections) >= limits.max_boxes:
-                    stop = "max_boxes"
-                if stop:
-                    break
-            if stop:
-                stop_reason = stop
-                break
-            if len(out) >= limits.max_new_tokens:
-                break  # nothing follows the last token: it needs no backend step
-            appended = tuple(t for t, _ in chosen)
-            if cache_len + len(appended) > backend.max_context:
+        while True:
+            kind, tokens, stop_reason = self._next_run(grammar, phrases, answer, hidden, backend.max_context - cache_len)
+            if stop_reason is None and cache_len + len(tokens) > backend.max_context:
                 stop_reason = "context_full"
+            if stop_reason is not None:
                 break
             ts = time.perf_counter()
-            hidden = self._step(appended, cache_len, rope_delta)
+            for start in range(0, len(tokens), MAX_STEP_TOKENS):
+                chunk = tokens[start:start + MAX_STEP_TOKENS]
+                hidden = self._step(chunk, cache_len, rope_delta)
+                cache_len += len(chunk)
+                steps[kind if start == 0 else "forced"] += 1
             backend_s += time.perf_counter() - ts
-            cache_len += len(appended)
-            steps[step_kind] += 1
-        return Generation(token_ids=out, detections=detections, stop_reason=stop_reason, prefill_s=prefill_s,
-                          decode_s=time.perf_counter() - t1, backend_s=backend_s, steps=steps)
+        return Generation(token_ids=answer.tokens, detections=answer.detections, stop_reason=stop_reason,
+                          prefill_s=prefill_s, decode_s=time.perf_counter() - t1, backend_s=backend_s, steps=steps,
+                          forced_tokens=answer.forced)

@@ -20,7 +20,7 @@ from rexedge.runtime.tokenizer import Tokenizer
 STATS = {"median", "p90", "n"}
 STAGE_METRICS = {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "host_ms", "end_to_end_ms",
                  "decode_ms_per_token", "host_ms_per_token", "tokens_per_s", "boxes_per_s"}
-STEP_FIELDS = {"steps", "tokens", "ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token",
+STEP_FIELDS = {"steps", "tokens", "forced_tokens", "ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token",
                "bytes_per_step", "floor_ms_per_step", "bandwidth_pct"}
 MEMORY_FIELDS = {"base_rss_bytes", "load_rss_bytes", "retained_rss_bytes", "peak_rss_bytes", "peak_gpu_bytes"}
 # the documented output format (FACTS.md): groups joined by ", ", items by ",", then <|im_end|>
@@ -111,7 +111,7 @@ def test_harness_json_schema(tiny_checkpoint: Path, tokenizer: Tokenizer, tmp_pa
             assert set(step) == STEP_FIELDS and step["bytes_per_step"] > 0
             for key in ("ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token"):
                 _check_stats(step[key])
-        # every token but the last is appended by some step (forced steps append several)
+        # every token but the last is appended by some step
         assert sum(step["tokens"] for step in r["steps"].values()) == len(script) - 1
         if backend == "transformers":
             assert r["baseline"] and r["speedup_vs_baseline"] is None and set(r["steps"]) == {"full"}
@@ -119,11 +119,18 @@ def test_harness_json_schema(tiny_checkpoint: Path, tokenizer: Tokenizer, tmp_pa
         assert not r["baseline"] and set(r["speedup_vs_baseline"]) == {"end_to_end", "ttft", "decode_per_token"}
         assert all(v > 0 for v in r["speedup_vs_baseline"].values())
         if scenario.decoding == "exact":
-            assert set(r["steps"]) == {"free"}  # every token over the full vocabulary
+            assert set(r["steps"]) == {"free"}  # every token over the full vocabulary, one per step
+            assert r["steps"]["free"]["forced_tokens"] == 0 and r["steps"]["free"]["steps"] == len(script) - 1
         else:
             coords = sum(tokenizer.ids.is_coord(t) for t in script)
             assert r["steps"]["coord"]["steps"] == coords == 4 * scenario.num_boxes
-            assert r["steps"]["forced"]["tokens"] > r["steps"]["forced"]["steps"]  # jump-forward appends several
+            # the forced tokens ride in the step of the choice before them: <|box_start|> after the phrase's
+            # chosen <|object_ref_end|> (free), " " <|object_ref_start|> after the "," between groups (choice);
+            # no step holds forced tokens only, and every step holds one chosen token
+            groups = scenario.num_categories
+            assert "forced" not in r["steps"]
+            assert [r["steps"][kind]["forced_tokens"] for kind in ("free", "coord", "choice")] == [groups, 0, 2 * (groups - 1)]
+            assert sum(step["steps"] for step in r["steps"].values()) == len(script) - 1 - (groups + 2 * (groups - 1))
             # the full head reads the whole vocabulary, a coordinate step 1,000 rows of it
             assert r["steps"]["free"]["bytes_per_step"] > r["steps"]["coord"]["bytes_per_step"]
 

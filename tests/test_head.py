@@ -217,11 +217,23 @@ def test_bad_sampling_settings(settings: dict, message: str) -> None:
     assert isinstance(error.value, RexEdgeError)
 
 
-def test_listed_ids_beyond_the_buffer_are_refused() -> None:
-    head = NumpyHead(np.zeros((200, 4), np.float32), Sampling())
-    head.reset(np.arange(3))
-    with pytest.raises(ValueError, match="expected 1..64 listed ids, got 65"):
-        head.choose_ids(np.zeros(4, np.float32), tuple(range(65)))
+def test_long_id_lists_grow_the_buffers() -> None:
+    """A constrained phrase's branch point lists one id per category (80 for COCO): more than the 64 the
+    buffers start with; the choice is still the best listed row, penalty applied."""
+    rng = np.random.default_rng(8)
+    table = rng.standard_normal((300, 12), dtype=np.float32)
+    hidden = rng.standard_normal(12, dtype=np.float32)
+    head = NumpyHead(table, Sampling(repetition_penalty=1.3))
+    head.reset(np.arange(0, 300, 7))
+    for ids in (tuple(int(i) for i in rng.choice(300, 90, replace=False)), (5, 17, 200)):
+        logits = table[list(ids)] @ hidden
+        seen = np.array([i % 7 == 0 for i in ids])
+        logits = np.where(seen, np.where(logits > 0, logits / 1.3, logits * 1.3), logits)
+        token, prob = head.choose_ids(hidden, ids)
+        assert token == ids[int(np.argmax(logits))]
+        assert prob == pytest.approx(float(np.exp(logits.max()) / np.exp(logits).sum()), rel=1e-5)
+    with pytest.raises(ValueError, match="at least one listed id"):
+        head.choose_ids(hidden, ())
 
 
 def test_small_products_run_on_one_blas_thread_and_the_full_head_on_all(monkeypatch: pytest.MonkeyPatch) -> None:

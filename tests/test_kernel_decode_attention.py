@@ -19,7 +19,8 @@ from rexedge.export.model import TextAttention, mrope_cos_sin  # noqa: E402
 from rexedge.kernels import KernelInputError  # noqa: E402
 from rexedge.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# compiled on a GPU, under the interpreter on a CPU (conftest): one or the other per process
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def _case(seed, batch, tokens, heads, kv_heads, dim, s_max, past, dtype, device):

@@ -18,7 +18,8 @@ from rexedge.kernels import KernelInputError  # noqa: E402
 from rexedge.kernels.restricted_head import restricted_head, restricted_head_reference  # noqa: E402
 from rexedge.runtime.head import NumpyHead, Sampling  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# compiled on a GPU, under the interpreter on a CPU (conftest): one or the other per process
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
 def _inputs(seed: int, batch: int, vocab: int, hidden: int, dtype: torch.dtype, device: str):
@@ -71,6 +72,32 @@ def test_kernel_matches_reference(device, batch, vocab, hidden, start, stop, ext
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_blocked_rows_are_never_chosen(device, dtype, temperature):
+    """A phrase step: rows blocked at random and whole row blocks blocked (the coordinate rows), with the
+    unblocked best rows forced into the blocked set so that blocking changes the answer."""
+    seed = zlib.crc32(repr((dtype, temperature, "blocked")).encode())
+    batch, vocab = 2, 1237
+    table, h, seen, g = _inputs(seed, batch, vocab, 96, dtype, device)
+    blocked = torch.rand(batch, vocab, generator=g) < 0.2
+    blocked[:, 128:700] = True                                   # row blocks 2..10 whole, block 1 and 10 in part
+    blocked[torch.arange(batch), torch.argmax(h.float().cpu() @ table.float().cpu().T, dim=-1)] = True
+    blocked = blocked.to(device)
+    noise = torch.rand(batch, vocab, generator=g).to(device) if temperature else None
+    token, prob, logits = _poisoned(batch, vocab, device)
+    restricted_head(h, table, seen, 0, vocab, None, 1.3, temperature, noise, blocked,
+                    token_out=token, prob_out=prob, logits_out=logits)
+    ref_token, ref_prob, ref_logits = restricted_head_reference(h.cpu(), table.cpu(), seen.cpu(), 0, vocab, None, 1.3,
+                                                                temperature, None if noise is None else noise.cpu(),
+                                                                blocked=blocked.cpu())
+    assert not blocked.cpu()[torch.arange(batch), token.cpu()].any()
+    assert token.cpu().tolist() == ref_token.tolist()
+    torch.testing.assert_close(logits.cpu(), ref_logits, rtol=1e-5, atol=1e-5)   # -inf where blocked, on both
+    torch.testing.assert_close(prob.cpu(), ref_prob, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ties_take_the_first_row_across_blocks(device):
     """Equal best logits in different row blocks: the lowest row wins, as numpy's argmax."""
     table, h, seen, _ = _inputs(5, 1, 700, 96, torch.float32, device)
@@ -84,7 +111,7 @@ def test_ties_take_the_first_row_across_blocks(device):
     assert int(token[0]) == first == int(restricted_head_reference(h, table, seen, 0, 700)[0][0])
 
 
-@pytest.mark.parametrize("case", ["range", "range+extra", "ids", "full"])
+@pytest.mark.parametrize("case", ["range", "range+extra", "ids", "full", "full+blocked"])
 def test_reference_matches_numpy_head_greedy(case):
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     vocab, hidden = 1311, 96
@@ -106,10 +133,12 @@ def test_reference_matches_numpy_head_greedy(case):
         expected = head.choose_ids(h, extra)
     else:
         start, stop, extra = 0, vocab, ()
-        expected = head.choose_full(h)
+        blocked = rng.random(vocab) < 0.5 if case == "full+blocked" else None
+        expected = head.choose_full(h, blocked)
     ids = torch.tensor(extra, dtype=torch.int64) if extra else None
+    blocked_rows = None if case != "full+blocked" else torch.from_numpy(blocked)[None]
     token, prob, _ = restricted_head_reference(torch.from_numpy(h)[None], torch.from_numpy(table), seen, start, stop,
-                                               ids, 1.2)
+                                               ids, 1.2, blocked=blocked_rows)
     assert int(token[0]) == expected[0]
     assert float(prob[0]) == pytest.approx(expected[1], rel=1e-5)
 

@@ -4,7 +4,9 @@ Stand-ins, each recording every backend call: a backend whose every step returns
 random hidden state over a random embedding table (so the head's choices are random and every
 branch of the grammar is taken); a backend that mostly follows the grammar (so exact and
 structured decoding can be compared); and a scripted head that answers a planned token
-sequence (to force each guard).
+sequence (to force each guard). Then jump-forward on the real ort and torch CPU backends of the
+tiny checkpoint, against the reference schedule where each forced run had a backend step of
+its own.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.grammar import CHOICE, COORD, DONE, FORCED, FREE, make_grammar
 from rexedge.runtime.head import NumpyHead, Sampling
-from rexedge.runtime.loop import DecodeLoop, DecodingError, Generation, Limits
+from rexedge.runtime.loop import MAX_STEP_TOKENS, DecodeLoop, DecodingError, Generation, Limits
 from rexedge.runtime.tokenizer import TokenIds, Tokenizer
 
 HIDDEN = 16
@@ -342,7 +344,7 @@ def cup(tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode_text("cup")
 
 
-def test_forced_tokens_go_in_one_step_and_everything_is_run_once(tokenizer: Tokenizer) -> None:
+def test_forced_tokens_ride_in_the_step_of_the_choice_before_them(tokenizer: Tokenizer) -> None:
     ids = tokenizer.ids
     dog = tokenizer.encode_text("door handle")
     groups = [(cup(tokenizer), [(10, 20, 30, 40), (1, 2, 3, 4)]), (dog, None), (dog + dog, [(5, 6, 7, 8)])]
@@ -351,11 +353,18 @@ def test_forced_tokens_go_in_one_step_and_everything_is_run_once(tokenizer: Toke
     # every generated token but the final <|im_end|> is run exactly once, in order
     assert [t for step in backend.steps for t in step] == gen.token_ids[:-1]
     assert gen.token_ids == full(ids, groups)
-    multi = [step for step in backend.steps if len(step) > 1]
-    assert multi == [[ids.space, ids.object_ref_start]] * 2  # the two ", " separators, each one step
-    # forced runs: <|box_start|> of each group, the rest of "None" + <|box_end|>, the two separators
-    assert gen.steps["forced"] == 3 + 1 + 2
-    assert sum(gen.steps.values()) == len(backend.steps)
+    # one step per chosen token, carrying the forced tokens that follow it: <|object_ref_end|> +
+    # <|box_start|>, "None"'s first id + its rest + <|box_end|>, "," + " " <|object_ref_start|>
+    marked = answer(ids, groups)
+    starts = [i for i, (_, forced) in enumerate(marked) if not forced]
+    expected = [[t for t, _ in marked[a:b]] for a, b in zip(starts, starts[1:])]
+    assert backend.steps == expected
+    assert [ids.object_ref_end, ids.box_start] in backend.steps and [ids.comma, ids.space, ids.object_ref_start] in backend.steps
+    # no step of forced tokens alone; the steps of 6 forced runs (3 <|box_start|>, a "None" rest,
+    # two separators) went into the steps of the choices before them
+    assert gen.steps["forced"] == 0 and sum(gen.steps.values()) == len(backend.steps) == len(plan(ids, groups)) - 1
+    assert gen.forced_tokens == sum(forced for _, forced in marked) == 3 + len(ids.none) + 2 * 2
+    assert gen.steps["coord"] == 12 + 1  # 12 coordinates and "None"'s first id (an extra id of a coordinate step)
     # the loop asked the head the grammar's way: phrase text over the full head, coordinates restricted
     assert head.calls.count("range") == 12 + 1  # 12 coordinates and the None choice after <|box_start|>
     assert [(d.phrase, d.bins) for d in gen.detections] == [("cup", (10, 20, 30, 40)), ("cup", (1, 2, 3, 4)),
@@ -381,13 +390,15 @@ def test_max_new_tokens(tokenizer: Tokenizer) -> None:
     assert gen.stop_reason == "max_new_tokens" and len(gen.token_ids) == 10
     assert len(backend.steps) == 9  # the last token is not run: nothing follows it
 
-    # the limit falls inside a forced run (", " <|object_ref_start|>): the run is cut there
+    # the limit falls inside a forced run (", " <|object_ref_start|>): the run is cut there, and
+    # the step that would carry "," and the cut run is not run (nothing follows it)
     groups = [(cup(tokenizer), None), (cup(tokenizer), None)]
     expected = full(ids, groups)
     cut = expected.index(ids.space) + 1
     gen, backend, _ = scripted(tokenizer, plan(ids, groups), limits=Limits(max_new_tokens=cut))
     assert gen.stop_reason == "max_new_tokens" and gen.token_ids == expected[:cut]
-    assert [t for step in backend.steps for t in step] == expected[:cut - 1]
+    assert [t for step in backend.steps for t in step] == expected[:cut - 2]
+    assert backend.steps[-1][-1] == ids.box_end and gen.forced_tokens == 1 + len(ids.none) + 1
 
 
 def test_max_boxes(tokenizer: Tokenizer) -> None:
@@ -442,11 +453,19 @@ def test_full_kv_cache_stops(tokenizer: Tokenizer) -> None:
     assert gen.stop_reason == "context_full"
     assert backend.cache_length == prompt_length + 5 and len(gen.token_ids) == 6
 
-    # a forced run that does not fit is not started
+    # a step that does not fit is not started: here "," with the forced ", " <|object_ref_start|>
+    # after it (the tokens before " " fit, the three do not). The output holds the forced run,
+    # as when "," had a step of its own and the run was the step that did not fit.
     groups = [(cup(tokenizer), None), (cup(tokenizer), None)]
-    room = full(ids, groups).index(ids.space)  # the tokens before ", " <|object_ref_start|> fit, the pair does not
+    expected = full(ids, groups)
+    room = expected.index(ids.space)
     gen, backend, _ = scripted(tokenizer, plan(ids, groups), max_context=prompt_length + room)
-    assert gen.stop_reason == "context_full" and backend.cache_length == prompt_length + room
+    assert gen.stop_reason == "context_full" and backend.cache_length == prompt_length + room - 1
+    assert gen.token_ids == expected[:room + 2]
+    # one slot less: "," alone would not fit either, and nothing after it is decided
+    gen, backend, _ = scripted(tokenizer, plan(ids, groups), max_context=prompt_length + room - 1)
+    assert gen.stop_reason == "context_full" and backend.cache_length == prompt_length + room - 1
+    assert gen.token_ids == expected[:room]
 
 
 def test_box_score_is_the_geometric_mean_of_its_coordinate_probabilities(tokenizer: Tokenizer) -> None:
@@ -471,3 +490,198 @@ def test_bad_modes_and_limits_are_clear_errors(tokenizer: Tokenizer) -> None:
         with pytest.raises(DecodingError, match=f"{field} must be a positive integer, got 0") as error:
             Limits(**{field: 0})
         assert isinstance(error.value, RexEdgeError)
+
+
+# --------------------------------------------------------------------------- jump-forward: long runs
+
+
+def test_a_forced_run_longer_than_a_step_continues_in_further_steps(tokenizer: Tokenizer) -> None:
+    """A category of 150 ids after a one-id branch: the chosen first id and the forced rest (with
+    <|object_ref_end|> <|box_start|>) go out in steps of at most MAX_STEP_TOKENS, in order."""
+    from rexedge.runtime.phrases import phrase_table
+
+    ids = tokenizer.ids
+    rng = np.random.default_rng(5)
+    long_name = [int(t) for t in rng.integers(100, 900, 150)]
+    table = phrase_table([[7] + long_name, [8]], ids.object_ref_end)
+    groups = [([7] + long_name, [(1, 2, 3, 4)])]
+    script = [ids.object_ref_start, 7, *(ids.coord_start + b for b in (1, 2, 3, 4)), ids.box_end, ids.im_end]
+    backend = RecordingBackend(tokenizer, rng.standard_normal((2048, HIDDEN)).astype(np.float32),
+                               lambda: np.zeros(HIDDEN, np.float32))
+    loop = DecodeLoop(backend, ScriptedHead(script), ids, limits=Limits())
+    prompt, image_embeds = request(ids, rng)
+    grammar = make_grammar("detection", ids, IMAGE_SIZE, decode=tokenizer.decode)
+    gen = loop.run(prompt, image_embeds, np.tile(np.arange(len(prompt)), (3, 1)), ROPE_DELTA, grammar, table)
+    assert gen.stop_reason == "eos" and gen.token_ids == full(ids, groups)
+    run = [7, *long_name, ids.object_ref_end, ids.box_start]   # one chosen id, 152 forced
+    assert backend.steps[1:4] == [run[:MAX_STEP_TOKENS], run[MAX_STEP_TOKENS:2 * MAX_STEP_TOKENS],
+                                  run[2 * MAX_STEP_TOKENS:]]
+    assert gen.steps == {"free": 0, "coord": 4, "choice": 3, "forced": 2} and gen.forced_tokens == 152
+
+
+def test_no_step_is_longer_than_the_cuda_backend_takes() -> None:
+    from rexedge.runtime.backends.torch_cuda import MAX_APPEND
+
+    assert MAX_STEP_TOKENS <= MAX_APPEND
+
+
+# --------------------------------------------------------------------------- jump-forward on real backends
+
+
+class Schedule:
+    """A real backend behind the loop, recording its steps and splitting them into forced runs.
+
+    Each step the loop sends is cut, by the documented grammar (the Python core) and the phrase
+    table, into a chosen token and the forced runs after it (FORCED ids; a category's unique
+    rest). ``split=True`` is the reference: the backend is stepped on the schedule the loop had
+    before forced tokens rode with the choice before them, each chosen token alone and each
+    forced run alone. ``max_context`` (the capacity the loop sees) may be below the backend's."""
+
+    def __init__(self, backend, task: str, phrases, split: bool, max_context: int | None = None) -> None:
+        self.backend, self.task, self.phrases, self.split = backend, task, phrases, split
+        self.max_context = max_context or backend.max_context
+        self.tokenizer, self.embed_table, self.config = backend.tokenizer, backend.embed_table, backend.config
+
+    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        ids = self.tokenizer.ids
+        self.grammar = make_grammar(self.task, ids, IMAGE_SIZE, impl="python", decode=self.tokenizer.decode)
+        self.phrase: tuple[int, ...] = ()
+        self.received: list[list[int]] = []             # the steps the loop sent
+        self.runs: list[tuple[list[int], bool]] = []    # (tokens, forced) of the old schedule
+        self.backend_steps = 0
+        return self.backend.prefill(inputs_embeds, position_ids)
+
+    def _segment(self) -> tuple[int, bool]:
+        """Length of what comes next and whether it is forced (1, False: a chosen token)."""
+        kind, allowed = self.grammar.next()
+        if kind == FREE and allowed and self.phrases is not None:
+            forced, options = self.phrases.get(self.phrase, (True, allowed))
+            return (len(options), True) if forced else (1, False)
+        return (len(allowed), True) if kind == FORCED else (1, False)
+
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        assert self.backend.cache_length + token_ids.size <= self.max_context, "the loop overfilled the KV cache"
+        self.received.append(token_ids.tolist())
+        start = 0
+        while start < token_ids.size:
+            length, forced = self._segment()
+            stop = min(start + length, token_ids.size)
+            self.runs.append((token_ids[start:stop].tolist(), forced))
+            if self.split:
+                hidden = self.backend.step(token_ids[start:stop].copy(), position_ids[:, start:stop].copy())
+                self.backend_steps += 1
+            for token in token_ids[start:stop].tolist():
+                kind, allowed = self.grammar.next()
+                if token == self.tokenizer.ids.object_ref_start:
+                    self.phrase = ()
+                elif kind == FREE and allowed:  # phrase text
+                    self.phrase += (token,)
+                self.grammar.advance(token)
+            start = stop
+        if not self.split:
+            hidden = self.backend.step(token_ids, position_ids)
+            self.backend_steps += 1
+        return hidden
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rexedge.export.bundle import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("loop") / "bundle", progress=False)
+
+
+@pytest.fixture(scope="module", params=["ort", "torch"])
+def real_model(request, tiny_bundle: Path, tiny_checkpoint: Path):
+    from rexedge.runtime.api import RexOmni
+
+    return RexOmni(tiny_bundle if request.param == "ort" else tiny_checkpoint, backend=request.param, max_context=1024)
+
+
+class KeepGoing:
+    """The real head, kept from ending the answer before its 4th group: at a choice that offers
+    <|im_end|> it chooses among the other ids (a random tiny model mostly ends at once)."""
+
+    def __init__(self, inner, ids: TokenIds, groups: int = 4) -> None:
+        self.inner, self.ids, self.groups, self.seen = inner, ids, groups, 0
+        self.choose_full, self.choose_range = inner.choose_full, inner.choose_range
+
+    def reset(self, prompt_ids: np.ndarray) -> None:
+        self.inner.reset(prompt_ids)
+        self.seen = 0
+
+    def observe(self, token_id: int) -> None:
+        self.inner.observe(token_id)
+        self.seen += token_id == self.ids.object_ref_start
+
+    def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]:
+        if self.seen < self.groups and self.ids.im_end in ids:
+            ids = tuple(t for t in ids if t != self.ids.im_end)
+        return self.inner.choose_ids(hidden, ids)
+
+
+def decode(model, task: str, seed: int, constrain: bool, split: bool, limits: Limits,
+           max_context: int | None = None) -> tuple[Generation, Schedule, int]:
+    """One request of ``task`` on a random image through the real backend (wrapped in a ``Schedule``)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (int(rng.integers(40, 120)), int(rng.integers(40, 120)), 3), dtype=np.uint8)
+    # the third category is longer than a step: with constrain, its rest continues in further steps
+    long_name = " ".join(["door handle of the red cupboard"] * 14)
+    model.constrain_phrases = constrain
+    prepared = model.prepare(image, task, ["cup", "door handle", long_name], keypoint_type="person")
+    schedule = Schedule(model.backend, task, prepared.phrases, split, max_context)
+    loop = DecodeLoop(schedule, KeepGoing(model.backend.make_head(Sampling()), model.ids), model.ids, limits=limits)
+    gen = loop.run(prepared.prompt_ids, model.backend.encode_image(prepared.image), prepared.positions,
+                   prepared.rope_delta, prepared.grammar, prepared.phrases)
+    return gen, schedule, len(prepared.prompt_ids)
+
+
+CASES = [(task, constrain) for task in ("detection", "pointing") for constrain in (False, True)] + [("keypoint", False)]
+
+
+def test_merged_steps_give_the_tokens_of_the_old_schedule(real_model) -> None:
+    """Tokens, stop, boxes as with each forced run in a step of its own (the backends' hidden state
+    after k tokens is the one after the same tokens in several steps, up to fp32 rounding); the
+    backend steps went down by the number of forced runs that followed a chosen token."""
+    limits = Limits(max_new_tokens=300)  # free phrases reach the 256-id cap: a forced <|object_ref_end|> <|box_start|>
+    saved, continued = 0, 0
+    for task, constrain in CASES:
+        for seed in range(4):
+            gen, merged, _ = decode(real_model, task, seed, constrain, split=False, limits=limits)
+            ref, old, _ = decode(real_model, task, seed, constrain, split=True, limits=limits)
+            assert gen.token_ids == ref.token_ids and gen.stop_reason == ref.stop_reason, (task, constrain, seed)
+            assert [(d.phrase, d.bins) for d in gen.detections] == [(d.phrase, d.bins) for d in ref.detections]
+            np.testing.assert_allclose([d.score for d in gen.detections], [d.score for d in ref.detections], rtol=1e-4)
+            assert merged.runs == old.runs and gen.forced_tokens == sum(len(t) for t, forced in old.runs if forced)
+            # a forced run follows a chosen token (or, past MAX_STEP_TOKENS, continues in a step of forced ids)
+            forced_runs = sum(forced for _, forced in old.runs)
+            assert merged.backend_steps == len(merged.received) == sum(gen.steps.values())
+            assert merged.backend_steps - gen.steps["forced"] == old.backend_steps - forced_runs
+            assert all(len(step) <= MAX_STEP_TOKENS for step in merged.received)
+            sent = [t for step in merged.received for t in step]
+            assert sent == gen.token_ids[:len(sent)] and len(sent) < len(gen.token_ids)  # the last run needs no step
+            saved += forced_runs
+            continued += gen.steps["forced"]
+    assert saved > 20 and continued, (saved, continued)
+
+
+def test_guards_inside_a_merged_step_on_a_real_backend(real_model) -> None:
+    """max_new_tokens and a full KV cache landing anywhere in an answer full of forced runs: the
+    output and stop reason of the old schedule, where the tokens of every run but the last were
+    run and the last run was decided (chosen or forced) and then found not to fit."""
+    unlimited = Limits(max_new_tokens=300)
+    seed = next(s for s in range(20) if len(decode(real_model, "detection", s, True, True, unlimited)[0].token_ids) > 12)
+    full_gen, old, prompt_length = decode(real_model, "detection", seed, True, True, unlimited)
+    answer_ids = full_gen.token_ids
+    assert full_gen.stop_reason == "eos" and any(forced for _, forced in old.runs)
+    for n in range(1, len(answer_ids) + 1):
+        gen, _, _ = decode(real_model, "detection", seed, True, False, Limits(max_new_tokens=n))
+        assert gen.token_ids == answer_ids[:n]
+        assert gen.stop_reason == ("eos" if n == len(answer_ids) else "max_new_tokens")
+    ends = np.cumsum([len(tokens) for tokens, _ in old.runs])   # output length after each run of the old schedule
+    for room in range(0, int(ends[-1]) + 1):
+        gen, merged, _ = decode(real_model, "detection", seed, True, False, unlimited, max_context=prompt_length + room)
+        overflow = next((int(end) for end in ends if end > room), None)
+        assert gen.token_ids == (answer_ids if overflow is None else answer_ids[:overflow]), room
+        assert gen.stop_reason == ("eos" if overflow is None else "context_full")
+        assert sum(len(step) for step in merged.received) <= room

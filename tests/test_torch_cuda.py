@@ -24,6 +24,7 @@ from rexedge.runtime.backends.torch_cuda import MAX_APPEND, choose_on_device, de
 from rexedge.runtime.head import Sampling  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+KERNEL_DEVICE = "cuda" if CUDA else "cpu"   # compiled on a GPU, under the interpreter on a CPU (conftest)
 
 
 @pytest.mark.skipif(CUDA, reason="checks the error raised where CUDA is missing")
@@ -45,22 +46,24 @@ def _inputs(cache_length: int, tokens: np.ndarray, positions: np.ndarray) -> tor
 
 def test_decode_step_matches_the_compact_model(tiny_checkpoint: Path) -> None:
     """The captured step's body (kernel attention, packed inputs) == model.decode, over k = 1, 3, 1, 2."""
-    model = load_model(tiny_checkpoint, dtype=torch.float32)
+    device = torch.device(KERNEL_DEVICE)
+    model = load_model(tiny_checkpoint, dtype=torch.float32, device=device)
     cfg = model.config
     rng = np.random.default_rng(21)
-    cache, expected_cache = (KVCache.allocate(cfg, 1, 70) for _ in range(2))
-    prompt = torch.from_numpy(rng.integers(0, cfg.vocab_size, 13))
-    positions = torch.from_numpy(np.stack([np.arange(13), np.arange(13) // 2, np.arange(13) % 5]))[:, None]
+    cache, expected_cache = (KVCache.allocate(cfg, 1, 70, device=device) for _ in range(2))
+    prompt = torch.from_numpy(rng.integers(0, cfg.vocab_size, 13)).to(device)
+    positions = torch.from_numpy(np.stack([np.arange(13), np.arange(13) // 2, np.arange(13) % 5]))[:, None].to(device)
     with torch.inference_mode():
         for c in (cache, expected_cache):
-            model.decode(model.embed(prompt)[None], positions, c, torch.arange(13), kv_length=13)
+            model.decode(model.embed(prompt)[None], positions, c, torch.arange(13, device=device), kv_length=13)
         length = 13
         for k in (1, 3, 1, 2):
             tokens = rng.integers(0, cfg.vocab_size, k)
             pos = np.repeat((np.arange(k) + length + 4)[None], 3, axis=0)
-            hidden = decode_step(model, cache, _inputs(length, tokens, pos), k, context_bound=70)
-            expected = model.decode(model.embed(torch.from_numpy(tokens))[None], torch.from_numpy(pos)[:, None],
-                                    expected_cache, torch.arange(length, length + k), kv_length=length + k)[0, -1]
+            hidden = decode_step(model, cache, _inputs(length, tokens, pos).to(device), k, context_bound=70)
+            expected = model.decode(model.embed(torch.from_numpy(tokens).to(device))[None],
+                                    torch.from_numpy(pos)[:, None].to(device), expected_cache,
+                                    torch.arange(length, length + k, device=device), kv_length=length + k)[0, -1]
             torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
             length += k
     for got, want in zip(cache.keys + cache.values, expected_cache.keys + expected_cache.values):
@@ -70,24 +73,98 @@ def test_decode_step_matches_the_compact_model(tiny_checkpoint: Path) -> None:
 @pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.7, repetition_penalty=1.2),
                                       Sampling(temperature=1.1, top_k=4), Sampling(temperature=0.9, top_p=0.6),
                                       Sampling(temperature=1.0, top_k=20, top_p=0.9)])
-@pytest.mark.parametrize("start,stop,extra", [(0, 300, ()), (100, 300, (7, 299, 11)), (0, 0, (5, 9, 250, 3))])
-def test_device_head_choice_matches_the_reference(sampling: Sampling, start: int, stop: int, extra: tuple) -> None:
-    g = torch.Generator().manual_seed(start + stop + len(extra) + int(sampling.temperature * 10))
+@pytest.mark.parametrize("start,stop,extra,block", [(0, 300, (), False), (0, 300, (), True),
+                                                    (100, 300, (7, 299, 11), False), (0, 0, (5, 9, 250, 3), False)])
+def test_device_head_choice_matches_the_reference(sampling: Sampling, start: int, stop: int, extra: tuple,
+                                                  block: bool) -> None:
+    g = torch.Generator().manual_seed(start + stop + len(extra) + int(sampling.temperature * 10) + block)
     vocab, hidden_size = 300, 48
     table = torch.randn(vocab, hidden_size, generator=g) * 0.3
     hidden = torch.randn(1, hidden_size, generator=g)
     seen = (torch.rand(1, vocab, generator=g) < 0.2).to(torch.uint8)
+    blocked = (torch.rand(1, vocab, generator=g) < 0.6).to(torch.uint8) if block else None
     ids = torch.tensor(extra, dtype=torch.int64) if extra else None
     n = stop - start + len(extra)
     noise = torch.rand(1, n, generator=g)
     logits = torch.full((1, n), float("nan"))
     token, prob = torch.full((1,), -1, dtype=torch.int64), torch.full((1,), float("nan"))
-    choose_on_device(table, hidden, seen, start, stop, ids, sampling, noise, logits, token, prob)
+    on = [None if t is None else t.to(KERNEL_DEVICE) for t in (table, hidden, seen, ids, noise, logits, token, prob,
+                                                                blocked)]
+    choose_on_device(on[0], on[1], on[2], start, stop, on[3], sampling, on[4], on[5], on[6], on[7], on[8])
+    token, prob = on[6].cpu(), on[7].cpu()
     want_token, want_prob, _ = restricted_head_reference(hidden, table, seen, start, stop, ids,
                                                          sampling.repetition_penalty, sampling.temperature, noise,
-                                                         sampling.top_k, sampling.top_p)
+                                                         sampling.top_k, sampling.top_p, blocked)
     assert token.tolist() == want_token.tolist()
     torch.testing.assert_close(prob, want_prob, rtol=1e-5, atol=1e-6)
+
+
+class StandInGraph:
+    """A 'captured' step that re-runs its Python body on replay."""
+
+    def __init__(self, fn) -> None:
+        self.replay = fn
+
+
+class StandInEvent:
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.skipif(CUDA, reason="the real thing runs below where CUDA is present")
+@pytest.mark.parametrize("decoding", ["exact", "structured"])
+def test_cuda_backend_bookkeeping_on_cpu_stand_ins(tiny_checkpoint: Path, decoding: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """TorchCudaBackend and DeviceHead with CUDA's pieces replaced by CPU stand-ins (a graph that re-runs its
+    body, events that do nothing, pinned memory that is plain memory; kernels under the interpreter): the
+    packed inputs, cache length, one capture per step shape and the device head give the CPU backend's tokens.
+    What a real capture bakes in (a Python value read at capture time) shows only on a GPU, in the test below."""
+    from rexedge.export import checkpoint
+    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.backends import torch_cuda
+
+    captured, heads = [], []
+
+    class RecordedHead(torch_cuda.DeviceHead):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            heads.append(self)
+
+    def capture(fn):
+        captured.append(fn)
+        fn()   # the warm-up run happens for real in capture()
+        return StandInGraph(fn)
+
+    load_on_cpu = checkpoint.load_model
+    monkeypatch.setattr(torch_cuda, "require_cuda", lambda device: None)
+    monkeypatch.setattr(torch_cuda, "capture", capture)
+    monkeypatch.setattr(torch_cuda, "DeviceHead", RecordedHead)
+    monkeypatch.setattr(torch.cuda, "Event", StandInEvent)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype, device=None: load_on_cpu(path, dtype=dtype))
+
+    options = dict(backend="torch", decoding=decoding, max_tokens=40, dtype="float32", max_context=256)
+    on_cpu = RexOmni(tiny_checkpoint, device="cpu", **options)
+    for seed in range(60):   # a random model mostly answers <|im_end|> at once: find an image it talks about
+        image = (np.random.default_rng(seed).random((70, 110, 3)) * 255).astype(np.uint8)
+        cpu = on_cpu.inference(image, "detection", ["cup", "door handle"])[0]
+        if len(cpu["output_token_ids"]) > 10:
+            break
+    else:
+        pytest.fail("no image made the tiny model answer with more than 10 tokens")
+    model = RexOmni(tiny_checkpoint, device="cuda", **options)
+    assert type(model.backend).__name__ == "TorchCudaBackend"
+    stand_in = model.inference(image, "detection", ["cup", "door handle"])[0]
+    assert stand_in["output_token_ids"] == cpu["output_token_ids"]
+    assert stand_in["stop_reason"] == cpu["stop_reason"]
+    # one capture per step shape (append length; allowed-set shape), replayed for every later step of that shape
+    assert len(heads) == 1 and 1 in model.backend._graphs
+    # structured phrase steps block coordinate / special rows through the device mask; exact mode never does
+    assert bool(heads[0]._blocked_masks) == (decoding == "structured")
+    assert len(captured) == len(model.backend._graphs) + len(heads[0]._graphs) < len(cpu["output_token_ids"])
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

@@ -1,15 +1,18 @@
 """The ``torch`` backend on CUDA: the compact model with the Triton kernels and one CUDA graph per step kind.
 
 Decode steps (k = 1 for free / coordinate / choice steps, k > 1 for a jump-forward append)
-run a graph captured once per k: embedding, per layer RMSNorm, q/k/v projections, the
+run a graph captured once per k: embedding, per layer q/k/v projections, the
 decode-attention kernel (rotary + in-place cache append + split-context GQA), o_proj and
-MLP, final norm, into one static hidden buffer. The graph reads its token ids, positions
+MLP, each residual add fused with the RMSNorm after it (one kernel instead of seven), into
+one static hidden buffer. The graph reads its token ids, positions
 and the cache length from one static device buffer that the host fills by a single
 asynchronous copy from pinned memory, so replaying needs no capture per length.
 
 The head (:class:`DeviceHead`) keeps hidden states, logits and the seen-token record on
 the device: the restricted-head kernel over the allowed rows of the tied embedding, one
-graph per allowed-set shape; sampling noise is drawn on the device. The only wait per
+graph per allowed-set shape; sampling noise is drawn on the device. A phrase step's blocked
+rows (a host mask the loop keeps per phrase context) go to the device once per mask and
+are copied device-to-device into the static mask the graphs read when the mask changes. The only wait per
 token is reading the chosen id and its probability (16 bytes) from pinned memory.
 
 ``prefill`` runs the model's own (SDPA) forward once per prompt, not captured. Hidden
@@ -45,7 +48,6 @@ if TYPE_CHECKING:
     from rexedge.runtime.preprocess import PreprocessedImage
 
 MAX_APPEND = 64   # the most tokens one step appends (the decode loop's jump-forward buffer)
-MAX_EXTRA = 64    # the most extra / choice ids one head step takes
 
 
 def require_cuda(device: str) -> None:
@@ -92,10 +94,14 @@ class DeviceHead:
         self._table = table
         self._hidden = hidden.view(1, -1)                       # the backend's static hidden buffer
         self._seen = torch.zeros(1, vocab, dtype=torch.uint8, device=device)
-        self._ids = torch.zeros(MAX_EXTRA, dtype=torch.int64, device=device)
-        self._ids_host = torch.zeros(MAX_EXTRA, dtype=torch.int64).pin_memory()
-        self._noise = torch.empty(1, vocab + MAX_EXTRA, dtype=torch.float32, device=device)
-        self._logits = torch.empty(1, vocab + MAX_EXTRA, dtype=torch.float32, device=device)
+        self._blocked = torch.zeros(1, vocab, dtype=torch.uint8, device=device)   # what the graphs read
+        self._blocked_masks: dict[int, tuple[np.ndarray, torch.Tensor]] = {}    # id -> (host mask, device copy)
+        self._blocked_now: np.ndarray | None = None
+        # any set of distinct ids fits (a constrained phrase's branch point lists one per category)
+        self._ids = torch.zeros(vocab, dtype=torch.int64, device=device)
+        self._ids_host = torch.zeros(vocab, dtype=torch.int64).pin_memory()
+        self._noise = torch.empty(1, vocab, dtype=torch.float32, device=device)
+        self._logits = torch.empty(1, vocab, dtype=torch.float32, device=device)
         self._token = torch.empty(1, dtype=torch.int64, device=device)
         self._prob = torch.empty(1, dtype=torch.float32, device=device)
         self._result = torch.empty(2, dtype=torch.float64, device=device)   # (token, probability)
@@ -106,7 +112,7 @@ class DeviceHead:
             self._generator.seed()
         else:
             self._generator.manual_seed(sampling.seed)
-        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int, int, bool], torch.cuda.CUDAGraph] = {}
 
     def reset(self, prompt_ids: np.ndarray) -> None:
         self._seen.zero_()
@@ -115,8 +121,10 @@ class DeviceHead:
     def observe(self, token_id: int) -> None:
         self._seen[0, token_id] = 1
 
-    def choose_full(self, hidden) -> tuple[int, float]:
-        return self._choose(hidden, 0, self._table.shape[0], ())
+    def choose_full(self, hidden, blocked: np.ndarray | None = None) -> tuple[int, float]:
+        if blocked is not None:
+            self._use_blocked(blocked)
+        return self._choose(hidden, 0, self._table.shape[0], (), blocked is not None)
 
     def choose_range(self, hidden, start: int, stop: int, extra: tuple[int, ...] = ()) -> tuple[int, float]:
         return self._choose(hidden, start, stop, extra)
@@ -124,18 +132,36 @@ class DeviceHead:
     def choose_ids(self, hidden, ids: tuple[int, ...]) -> tuple[int, float]:
         return self._choose(hidden, 0, 0, ids)
 
-    def _step(self, start: int, stop: int, n_extra: int) -> None:
+    def _use_blocked(self, blocked: np.ndarray) -> None:
+        """Make ``blocked`` [V] bool the mask the graphs read; the loop passes the same array for a phrase
+        context every time, so each is uploaded once (entries keep their array: an id is never reused)."""
+        if blocked is self._blocked_now:
+            return
+        entry = self._blocked_masks.get(id(blocked))
+        if entry is None:
+            if blocked.shape != (self._table.shape[0],) or blocked.dtype != np.bool_:
+                raise BackendError(f"torch backend: blocked must be a bool mask of shape ({self._table.shape[0]},), "
+                                   f"got {blocked.dtype} {blocked.shape}")
+            entry = self._blocked_masks[id(blocked)] = (blocked, torch.from_numpy(blocked.view(np.uint8)).to(
+                self._blocked.device)[None])
+        self._blocked.copy_(entry[1])
+        self._blocked_now = blocked
+
+    def _step(self, start: int, stop: int, n_extra: int, use_blocked: bool) -> None:
         """The captured head step: kernel (+ truncated sampling), result packed for one 16-byte copy."""
         n = stop - start + n_extra
         with torch.inference_mode():
             choose_on_device(self._table, self._hidden, self._seen, start, stop, self._ids[:n_extra] if n_extra else None,
-                             self.sampling, self._noise[:, :n], self._logits[:, :n], self._token, self._prob)
+                             self.sampling, self._noise[:, :n], self._logits[:, :n], self._token, self._prob,
+                             self._blocked if use_blocked else None)
             self._result[0:1].copy_(self._token)
             self._result[1:2].copy_(self._prob)
 
-    def _choose(self, hidden, start: int, stop: int, extra: tuple[int, ...]) -> tuple[int, float]:
-        if len(extra) > MAX_EXTRA:
-            raise BackendError(f"torch backend: {len(extra)} allowed ids in one step; at most {MAX_EXTRA}")
+    def _choose(self, hidden, start: int, stop: int, extra: tuple[int, ...], use_blocked: bool = False
+                ) -> tuple[int, float]:
+        if stop - start + len(extra) > self._noise.shape[1]:
+            raise BackendError(f"torch backend: {stop - start + len(extra)} allowed rows in one step; the vocabulary "
+                               f"has {self._noise.shape[1]}")
         if not (isinstance(hidden, torch.Tensor) and hidden.data_ptr() == self._hidden.data_ptr()):
             # a hidden state from elsewhere (host array): the graphs read the static buffer
             self._hidden.copy_(torch.as_tensor(np.asarray(hidden)).view(1, -1))
@@ -146,7 +172,7 @@ class DeviceHead:
         if self.sampling.temperature > 0:
             n = stop - start + len(extra)
             self._noise[:, :n].uniform_(generator=self._generator)
-        key = (start, stop, len(extra))
+        key = (start, stop, len(extra), use_blocked)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._graphs[key] = capture(lambda: self._step(*key))
@@ -262,17 +288,18 @@ class TorchCudaBackend:
 
 def choose_on_device(table: "torch.Tensor", hidden: "torch.Tensor", seen: "torch.Tensor", start: int, stop: int,
                      ids: "torch.Tensor | None", sampling: Sampling, noise: "torch.Tensor", logits: "torch.Tensor",
-                     token: "torch.Tensor", prob: "torch.Tensor") -> None:
+                     token: "torch.Tensor", prob: "torch.Tensor", blocked: "torch.Tensor | None" = None) -> None:
     """One head step into ``token`` [1] / ``prob`` [1] without leaving the device (plain torch + the kernel).
 
-    ``noise`` [1, n] holds fresh uniforms when sampling; ``logits`` [1, n] is scratch for top-k / top-p."""
+    ``noise`` [1, n] holds fresh uniforms when sampling; ``logits`` [1, n] is scratch for top-k / top-p;
+    ``blocked`` [1, V] uint8 marks rows never chosen (phrase steps)."""
     from rexedge.kernels.restricted_head import restricted_head, sample_index
 
     s = sampling
     sample = s.temperature > 0
     truncate = sample and (s.top_k > 0 or s.top_p < 1.0)
     restricted_head(hidden, table, seen, start, stop, ids, s.repetition_penalty, s.temperature,
-                    noise if sample else None, token_out=token, prob_out=prob, logits_out=logits if truncate else None)
+                    noise if sample else None, blocked, token_out=token, prob_out=prob, logits_out=logits if truncate else None)
     if truncate:
         # the kernel drew from all allowed rows; top-k / top-p need the sorted row, done here on the device
         index = sample_index(logits, s.temperature, noise, s.top_k, s.top_p)
@@ -286,26 +313,32 @@ def choose_on_device(table: "torch.Tensor", hidden: "torch.Tensor", seen: "torch
 
 
 def decode_step(model, cache, inputs: "torch.Tensor", k: int, context_bound: int) -> "torch.Tensor":
-    """Hidden state [H] of the last of k new tokens: the compact model's decoder with the decode-attention kernel.
+    """Hidden state [H] of the last of k new tokens: the compact model's decoder with the decode-attention and
+    add + RMSNorm kernels (each residual add fused with the norm after it).
 
     ``inputs`` int64 [1 + 4 * MAX_APPEND] = [cache length, token ids, positions (3 x MAX_APPEND)], on the
     model's device, so a captured graph replays with new values; ``cache`` a KVCache written in place."""
     from rexedge.export.model import mrope_cos_sin
     from rexedge.kernels.decode_attention import decode_attention
+    from rexedge.kernels.rmsnorm import add_rms_norm
 
     cfg = model.config
+    layers = model.model.layers
     tokens = inputs[1:1 + k]
     positions = inputs[1 + MAX_APPEND:].view(3, MAX_APPEND)[:, None, :k]
     cache_len = inputs[0:1].to(torch.int32)
-    x = model.embed(tokens)[None]
+    x = model.embed(tokens)                                   # [k, H] residual stream, updated in place
     cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, torch.float32)
-    for layer, k_cache, v_cache in zip(model.model.layers, cache.keys, cache.values):
+    first = layers[0].input_layernorm
+    h = add_rms_norm(x, None, first.weight, first.eps)
+    for i, (layer, k_cache, v_cache) in enumerate(zip(layers, cache.keys, cache.values)):
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
         q = attn.q_proj(h).view(1, k, cfg.num_attention_heads, cfg.head_dim)
         key = attn.k_proj(h).view(1, k, cfg.num_key_value_heads, cfg.head_dim)
         value = attn.v_proj(h).view(1, k, cfg.num_key_value_heads, cfg.head_dim)
         out = decode_attention(q, key, value, cos, sin, k_cache, v_cache, cache_len, context_bound=context_bound)
-        x = x + attn.o_proj(out.reshape(1, k, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.model.norm(x)[0, -1]
+        post = layer.post_attention_layernorm
+        add_rms_norm(x, attn.o_proj(out.view(k, -1)), post.weight, post.eps, out=h)
+        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.model.norm
+        add_rms_norm(x, layer.mlp(h), next_norm.weight, next_norm.eps, out=h)
+    return h[-1]
