@@ -14,8 +14,9 @@ with int8 weights per output channel (axis 1 of the [in, out] matrices) and int8
 activations per tensor, both symmetric (zero point 0, as TensorRT requires). Decode at
 batch 1 reads every weight once per token, so int8 weights halve (vs fp16) or quarter
 (vs fp32) its bytes; vision and prefill are arithmetic-bound and gain from int8 inputs
-to the matrix products. Left in float on purpose: attention (GroupQueryAttention, or the
-activation x activation MatMuls of the ``trt`` flavour and the vision encoder), norms,
+to the matrix products. Left in float on purpose: attention (the ``ort`` flavour's
+GroupQueryAttention and MultiHeadAttention, or the activation x activation MatMuls of the
+``trt`` flavour), norms,
 rotary, softmax, and MatMul outputs (no Q/DQ after a product: one rounding fewer, and
 the placement TensorRT fuses). The head (the tied embedding, used on the host) stays fp32.
 

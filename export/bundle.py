@@ -111,8 +111,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     """Export a checkpoint directory to a bundle at ``out`` (must not exist, or be empty); returns ``out``.
 
     ``precision`` "fp32" or "fp16" (weights, activations and KV cache; inputs, outputs,
-    norms, softmax and the head table stay float32). ``flavour`` selects how the decoder
-    expresses attention and the KV cache (see :mod:`rexedge.export.onnx_decoder`).
+    norms, softmax and the head table stay float32). ``flavour`` selects how the graphs
+    express attention and the KV cache (see :mod:`rexedge.export.onnx_decoder` and
+    :mod:`rexedge.export.onnx_vision`).
     """
     import torch
     from tqdm import tqdm
@@ -152,7 +153,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         graphs = {}
         dims = _dim_ranges(cfg, flavour)
         for key, file, data, build in (
-            ("vision", VISION_FILE, vision_data, lambda: build_vision_graph(cfg, vision_data.tensors, precision)),
+            ("vision", VISION_FILE, vision_data,
+             lambda: build_vision_graph(cfg, vision_data.tensors, precision, flavour)),
             ("decoder", DECODER_FILE, decoder_data,
              lambda: build_decoder_graph(cfg, decoder_data.tensors, precision, flavour)),
         ):

@@ -83,6 +83,7 @@ class GraphBuilder:
         self._nodes: list[onnx.NodeProto] = []
         self._inputs: list[onnx.ValueInfoProto] = []
         self._outputs: list[onnx.ValueInfoProto] = []
+        self._value_info: list[onnx.ValueInfoProto] = []
         self._counter = 0
 
     def _fresh(self, hint: str) -> str:
@@ -99,6 +100,15 @@ class GraphBuilder:
         if value != name:
             self._nodes.append(helper.make_node("Identity", [value], [name], name=f"out_{name}"))
         self._outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+
+    def declare_type(self, value: str, elem_type: int) -> str:
+        """Record ``value``'s element type in the graph; returns ``value``.
+
+        For the outputs of contrib operators: ONNX shape inference does not know them, so
+        without this every tensor downstream is untyped to tools that rely on it (ONNX
+        Runtime's quantizer only calibrates tensors whose type it knows)."""
+        self._value_info.append(helper.make_tensor_value_info(value, elem_type, None))
+        return value
 
     def weight(self, name: str) -> str:
         """A checkpoint tensor already written to the data file, by its published name."""
@@ -129,7 +139,8 @@ class GraphBuilder:
 
     def build(self, doc: str, extra_opsets: Sequence[tuple[str, int]] = ()) -> onnx.ModelProto:
         graph = helper.make_graph(self._nodes, self.name, self._inputs, self._outputs,
-                                  initializer=self._constants + list(self._used_weights.values()))
+                                  initializer=self._constants + list(self._used_weights.values()),
+                                  value_info=self._value_info)
         opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="rexedge", doc_string=doc)
         model.ir_version = 8  # readable by every onnxruntime >= 1.14 and TensorRT 8.6+

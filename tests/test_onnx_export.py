@@ -40,18 +40,53 @@ def vision_feeds(patches: np.ndarray, grid_h: int, grid_w: int) -> dict[str, np.
     return {"pixel_patches": patches, **{n: np.asarray(getattr(layout, n)) for n in names}}
 
 
-# merged grids 3x5 and 9x4: one side not a multiple of the 4-token window, and one that is
-@pytest.mark.parametrize("grid", [(6, 10), (18, 8)])
-def test_vision_graph_matches_compact_model(bundle_dir: Path, model, grid: tuple[int, int]) -> None:
+@pytest.fixture(scope="module")
+def trt_bundle_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("export_trt") / "bundle", flavour="trt",
+                         progress=False)
+
+
+# patch grids -> merged grids 5x3 (both sides off the 4-token window: a window of 3 real tokens
+# out of 16), 9x4 (one side a multiple of 4: a whole padding window row), 7x11; N = 60, 144, 308
+# patches, none a multiple of the 64-slot window batch
+@pytest.mark.parametrize("grid", [(10, 6), (18, 8), (14, 22)])
+@pytest.mark.parametrize("flavour", ["ort", "trt"])
+def test_vision_graph_matches_compact_model(bundle_dir: Path, trt_bundle_dir: Path, model, flavour: str,
+                                            grid: tuple[int, int]) -> None:
+    """ort: MultiHeadAttention (flash path for the full blocks, masked window batch) and RotaryEmbedding;
+    trt: the same computation in standard operators. Both against the compact model."""
     grid_h, grid_w = grid
     cfg = model.config
-    patches = np.random.default_rng(grid_h * grid_w).standard_normal((grid_h * grid_w, cfg.patch_dim), np.float32)
-    session = ort.InferenceSession(str(bundle_dir / "vision.onnx"), providers=["CPUExecutionProvider"])
+    patches = np.random.default_rng().standard_normal((grid_h * grid_w, cfg.patch_dim), np.float32)
+    directory = bundle_dir if flavour == "ort" else trt_bundle_dir
+    session = ort.InferenceSession(str(directory / "vision.onnx"), providers=["CPUExecutionProvider"])
     (embeds,) = session.run(["image_embeds"], vision_feeds(patches, grid_h, grid_w))
     with torch.no_grad():
         expected = model.encode_image(torch.from_numpy(patches), vision_layout(grid_h, grid_w)).numpy()
     assert embeds.shape == (grid_h * grid_w // 4, cfg.hidden_size)
     assert relative_error(embeds, expected) < RTOL
+
+
+def test_vision_flavours_express_attention_as_documented(bundle_dir: Path, trt_bundle_dir: Path) -> None:
+    cfg = load_bundle(bundle_dir).config
+    ort_graph = onnx.load(str(bundle_dir / "vision.onnx"), load_external_data=False).graph
+    by_op: dict[str, list[onnx.NodeProto]] = {}
+    for node in ort_graph.node:
+        by_op.setdefault(node.op_type, []).append(node)
+    attention = by_op["MultiHeadAttention"]
+    assert len(attention) == cfg.vision_depth and len(by_op["RotaryEmbedding"]) == 2 * cfg.vision_depth
+    assert all(n.domain == "com.microsoft" for n in attention + by_op["RotaryEmbedding"])
+    # full-attention blocks take no mask (ONNX Runtime's CPU flash path needs none); windowed ones do
+    masked = [len(n.input) > 4 and n.input[4] != "" for n in attention]
+    assert masked == [i not in cfg.fullatt_block_indexes for i in range(cfg.vision_depth)]
+    assert "Softmax" not in by_op and "Transpose" not in by_op
+    # the contrib outputs carry their type, so ONNX shape inference types everything downstream
+    # (ONNX Runtime's quantizer only calibrates typed tensors: the attention projections' inputs)
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(bundle_dir / "vision.onnx"), load_external_data=False))
+    typed = {v.name for v in (*inferred.graph.value_info, *inferred.graph.input) if v.type.tensor_type.elem_type}
+    assert all(n.input[0] in typed for n in inferred.graph.node if n.op_type == "MatMul")
+    trt_graph = onnx.load(str(trt_bundle_dir / "vision.onnx"), load_external_data=False).graph
+    assert {n.domain for n in trt_graph.node} == {""}
 
 
 def run_decoder(session: ort.InferenceSession, kv: list[ort.OrtValue], embeds: np.ndarray, positions: np.ndarray,

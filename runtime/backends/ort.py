@@ -44,11 +44,10 @@ _KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32}  # int
 DISABLED_OPTIMIZERS: dict[str, list[str]] = {"int8": ["CommonSubexpressionElimination"]}
 
 
-def _options(threads: int | None, arena: bool) -> ort.SessionOptions:
+def _options(threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads
-    options.enable_cpu_mem_arena = arena
     # ONNX Runtime's worker threads spin after each run by default; on a small edge CPU they
     # then steal the cores that preprocessing and the host-side head need (measured here:
     # a 640x480 detection at 60-68 ms with spinning, 20-25 ms without)
@@ -89,14 +88,17 @@ class OrtBackend:
             raise BackendError(f"ort backend: max_context must be in 1..{cfg.max_position_embeddings}, "
                                f"got {max_context}")
         disabled = DISABLED_OPTIMIZERS.get(bundle.precision, [])
-        # The vision graph's activations change size with every image (dense full-attention
-        # blocks: N x N scores); ONNX Runtime's CPU arena keeps the largest ever seen. Without
-        # it (cpu-bench preset, 1,479 image tokens, 6 runs each): peak RSS 1.7-1.9 GB instead of
-        # 2.8 GB, 0.6-0.8 GB resident afterwards instead of 2.9 GB, vision time no worse
-        # (median 1.5 s against 2.0 s, both noisy on this 2-core machine).
-        self._vision = self._session(bundle.path(bundle.vision.file), _options(threads, arena=False), providers,
+        # The vision graph's activations change size with every image, and ONNX Runtime's CPU
+        # arena keeps the largest ever seen. So the arena serves the blocks within one run and
+        # gives its memory back after each run (arena shrinkage). cpu-bench preset, 1,479 image
+        # tokens, ort flavour (flash attention), 6 runs each: 0.93 s, peak RSS 411 MB, 193 MB
+        # resident afterwards; without an arena 0.97-1.0 s, 550 MB, 250-280 MB; an arena kept
+        # 0.86 s, 597 MB, 597 MB (an older dense-attention graph kept 2.9 GB that way).
+        self._vision = self._session(bundle.path(bundle.vision.file), _options(threads), providers,
                                      device, disabled)
-        self._decoder = self._session(bundle.path(bundle.decoder.file), _options(threads, arena=True), providers,
+        self._vision_run = ort.RunOptions()
+        self._vision_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self._decoder = self._session(bundle.path(bundle.decoder.file), _options(threads), providers,
                                       device, disabled)
 
         self.bundle = bundle
@@ -130,7 +132,9 @@ class OrtBackend:
             session = ort.InferenceSession(str(path), options, providers=providers,
                                            disabled_optimizers=disabled_optimizers)
         except Exception as e:  # onnxruntime raises its own exception types with a message
-            raise BackendError(f"ort backend: cannot load {path} ({e})") from None
+            # e.g. an older onnxruntime without a contrib operator the graph uses (bundles use
+            # GroupQueryAttention, MultiHeadAttention and RotaryEmbedding on the CPU)
+            raise BackendError(f"ort backend: onnxruntime {ort.__version__} cannot load {path} ({e})") from None
         if device != "cpu" and "CUDAExecutionProvider" not in session.get_providers():
             raise BackendError(f"ort backend: onnxruntime could not start CUDA for {path} (it fell back to "
                                f"{session.get_providers()}); check the CUDA and cuDNN libraries")
@@ -170,7 +174,7 @@ class OrtBackend:
         feeds = {"pixel_patches": np.ascontiguousarray(image.pixel_patches, dtype=np.float32)}
         # the other inputs are the VisionLayout arrays of the same names
         feeds.update({name: getattr(image.layout, name) for name in self._layout_inputs})
-        return self._vision.run(["image_embeds"], feeds)[0]
+        return self._vision.run(["image_embeds"], feeds, self._vision_run)[0]
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Append T tokens (embeddings [T, H], positions [3, T]) with a binding made for this call."""
