@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -313,7 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OpenBLAS's workers yield in a loop for 2^28 cycles (~0.1 s) after each multi-threaded product
+# (the full-vocabulary head) before they sleep, taking a core from ONNX Runtime's next step
+# (bench/RESULTS.md). 2^4 cycles: they sleep at once; the product itself is no slower. OpenBLAS
+# reads it when it loads, so it is set here, before any handler imports numpy; a user's value wins.
+OPENBLAS_THREAD_TIMEOUT = "4"
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,21 @@ def test_a_bad_image_is_recorded_and_the_others_run(workdir: Path, tmp_path: Pat
     assert records[0]["raw_output"] == records[2]["raw_output"]
     # one drawing per image that ran, numbered by its place in the list
     assert sorted(p.name for p in tmp_path.glob("drawn_*.png")) == ["drawn_0.png", "drawn_2.png"]
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "4"), ("9", "9")])
+def test_openblas_workers_sleep_at_once_unless_the_user_says_otherwise(tiny_checkpoint: Path, preset: str | None,
+                                                                       expected: str) -> None:
+    """The command sets OPENBLAS_THREAD_TIMEOUT before anything loads numpy (OpenBLAS reads it once, then)."""
+    argv = ["prompt", "--model", str(tiny_checkpoint), "--task", "detection", "--categories", "cup",
+            "--image-size", "64x48"]
+    code = ("import os, sys\nfrom rexedge.runtime.cli import main\n"
+            "assert 'numpy' not in sys.modules, 'numpy loaded before main()'\n"
+            f"status = main({argv!r})\n"
+            "print(status, 'numpy' in sys.modules, os.environ['OPENBLAS_THREAD_TIMEOUT'], file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if preset is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = preset
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.split() == ["0", "True", expected]
