@@ -235,8 +235,9 @@ def transformers_generate(cfg: RexOmniConfig, model, steps: int) -> dict:
     grid = torch.tensor([pre.grid_thw], device="cuda")
 
     def generate(n: int) -> None:
+        # transformers >= 5 needs mm_token_type_ids for Qwen2.5-VL's 3-D positions (1-D without it, silently)
         hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
-                    max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.05)
+                    mm_token_type_ids=(ids == cfg.image_token_id).int(), max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.05)
 
     with torch.inference_mode():
         first, first_p90 = wall(lambda: generate(1), warmup=1, repeat=5)

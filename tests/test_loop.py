@@ -685,3 +685,31 @@ def test_guards_inside_a_merged_step_on_a_real_backend(real_model) -> None:
         assert gen.token_ids == (answer_ids if overflow is None else answer_ids[:overflow]), room
         assert gen.stop_reason == ("eos" if overflow is None else "context_full")
         assert sum(len(step) for step in merged.received) <= room
+
+
+def test_a_branch_point_wider_than_64_categories(tokenizer: Tokenizer) -> None:
+    """constrain_phrases with 90 categories of distinct first ids: the real head chooses among all 90 at
+    the branch point (its id buffers start at 64), and the answer's phrase is one of the categories."""
+    from rexedge.runtime.phrases import phrase_table
+
+    ids = tokenizer.ids
+    rng = np.random.default_rng(90)
+    firsts = rng.choice(np.arange(100, 1900), 90, replace=False)
+    categories = [[int(first), int(rng.integers(100, 1900))] for first in firsts]
+    table = rng.standard_normal((2048, HIDDEN)).astype(np.float32)
+    # a hidden state whose best rows are <|object_ref_start|> (over <|im_end|>), then some category
+    hidden = table[ids.object_ref_start] * 5 + table[categories[37][0]] * 3
+    backend = RecordingBackend(tokenizer, table, lambda: hidden)
+    wide = []
+    head = NumpyHead(table, Sampling())
+    choose_ids = head.choose_ids
+    head.choose_ids = lambda h, options: (wide.append(len(options)), choose_ids(h, options))[1]
+    loop = DecodeLoop(backend, head, ids, limits=Limits(max_new_tokens=12))
+    prompt, image_embeds = request(ids, rng)
+    grammar = make_grammar("detection", ids, IMAGE_SIZE, decode=tokenizer.decode)
+    gen = loop.run(prompt, image_embeds, np.tile(np.arange(len(prompt)), (3, 1)), ROPE_DELTA, grammar,
+                   phrase_table(categories, ids.object_ref_end))
+    assert 90 in wide
+    start = gen.token_ids.index(ids.object_ref_start)
+    assert gen.token_ids[start + 1:start + 3] in categories
+    assert gen.token_ids[start + 3] == ids.object_ref_end
