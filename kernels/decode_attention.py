@@ -227,6 +227,7 @@ def decode_attention(
     num_splits = triton.cdiv(bound, split)
     block_m = min(MAX_ROWS, max(MIN_ROWS, triton.next_power_of_2(group * tokens)))
     block_d = triton.next_power_of_2(dim)
+    ieee = k_cache.dtype == torch.float32   # fp32 caches: exact fp32 products (no TF32)
     q_rot = torch.empty((batch, tokens, heads, dim), dtype=torch.float32, device=q.device)
     part_o = torch.empty((batch, tokens, heads, num_splits, dim), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((batch, tokens, heads, num_splits, 2), dtype=torch.float32, device=q.device)
@@ -244,7 +245,10 @@ def decode_attention(
         q_rot, k_cache, v_cache, cache_len, part_o, part_ml,
         tokens, heads, kv_heads, group, dim, num_splits, 1.0 / math.sqrt(dim),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        SPLIT=split, BLOCK_S=BLOCK_S, BLOCK_M=block_m, BLOCK_D=block_d, IEEE=k_cache.dtype == torch.float32,
+        SPLIT=split, BLOCK_S=BLOCK_S, BLOCK_M=block_m, BLOCK_D=block_d, IEEE=ieee,
+        # fp32 k/v tiles are 32 KB each: three pipeline stages need 180 KB of shared memory at BLOCK_M = 64,
+        # over sm_87's 163 KB per block (Jetson Orin); two need 115 KB
+        num_stages=2 if ieee else 3,
     )
     _combine_kernel[(batch * tokens * heads,)](
         part_o, part_ml, cache_len, out, tokens, heads, dim, num_splits,

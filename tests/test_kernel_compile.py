@@ -33,25 +33,32 @@ from rexedge.kernels.restricted_head import restricted_head  # noqa: E402
 from rexedge.kernels.rmsnorm import add_rms_norm  # noqa: E402
 
 TARGETS = {"sm_90": 90, "sm_87": 87}   # compute capability
+# shared memory one block may use (opt-in maximum; CUDA programming guide): checked at load time on the device,
+# so a kernel over it compiles here and fails only on a GPU (Triton's OutOfResources)
+SHARED_LIMITS = {90: 227 * 1024, 87: 163 * 1024}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")   # launch keywords that are compile options, not kernel arguments
 POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
                  torch.int32: "*i32", torch.uint8: "*u8"}
 HIDDEN, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 2048, 151_936, 16, 2, 128   # rex-omni-3b
 
 
-# Run with TRITON_INTERPRET=0: reads [{"module", "kernel", "signature", "constexprs"}] and a capability,
-# compiles each to a cubin, prints one line per kernel; a compilation error fails the process.
+# Run with TRITON_INTERPRET=0: reads [{"module", "kernel", "signature", "constexprs", "options"}], a capability and
+# its shared-memory limit, compiles each to a cubin, prints one line per kernel; a compilation error or shared
+# memory over the limit fails the process.
 COMPILE = """
 import importlib, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-specs, capability = json.loads(sys.stdin.read()), int(sys.argv[1])
+specs, capability, shared_limit = json.loads(sys.stdin.read()), int(sys.argv[1]), int(sys.argv[2])
 for spec in specs:
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     compiled = triton.compile(ASTSource(kernel, spec["signature"], spec["constexprs"]),
-                              target=GPUTarget("cuda", capability, 32))
+                              target=GPUTarget("cuda", capability, 32), options=spec["options"])
     assert compiled.asm["cubin"], spec
-    print(spec["kernel"], "sm_%d" % capability, len(compiled.asm["cubin"]), "bytes of cubin")
+    assert compiled.metadata.shared <= shared_limit, (compiled.metadata.shared, shared_limit, spec)
+    print(spec["kernel"], "sm_%d" % capability, len(compiled.asm["cubin"]), "bytes of cubin,",
+          compiled.metadata.shared, "bytes of shared memory")
 """
 
 
@@ -84,7 +91,8 @@ def specialisations(launches: Launches) -> list[dict]:
     fn = JITFunction(launches.fn)   # for its parameter list only
     specs = []
     for args, kwargs in launches.calls:
-        values = dict(zip(fn.arg_names, args)) | kwargs
+        options = {name: kwargs[name] for name in LAUNCH_OPTIONS if name in kwargs}
+        values = dict(zip(fn.arg_names, args)) | {k: v for k, v in kwargs.items() if k not in options}
         assert set(values) == set(fn.arg_names), f"launch of {fn.__name__} misses {set(fn.arg_names) - set(values)}"
         signature, constexprs = {}, {}
         for param in fn.params:
@@ -92,7 +100,8 @@ def specialisations(launches: Launches) -> list[dict]:
                 signature[param.name], constexprs[param.name] = "constexpr", values[param.name]
             else:
                 signature[param.name] = _type(values[param.name])
-        spec = {"module": launches.module, "kernel": launches.name, "signature": signature, "constexprs": constexprs}
+        spec = {"module": launches.module, "kernel": launches.name, "signature": signature, "constexprs": constexprs,
+                "options": options}
         if spec not in specs:
             specs.append(spec)
     return specs
@@ -112,7 +121,8 @@ def record(module: Any, names: tuple[str, ...], launch: Callable[[], None],
 
 
 def compile_all(specs: list[dict], capability: int) -> None:
-    done = subprocess.run([sys.executable, "-c", COMPILE, str(capability)], input=json.dumps(specs), text=True,
+    done = subprocess.run([sys.executable, "-c", COMPILE, str(capability), str(SHARED_LIMITS[capability])],
+                          input=json.dumps(specs), text=True,
                           capture_output=True, env=os.environ | {"TRITON_INTERPRET": "0"}, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert len(done.stdout.splitlines()) == len(specs), done.stdout

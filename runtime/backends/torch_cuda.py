@@ -219,7 +219,7 @@ class TorchCudaBackend:
             raise BackendError(f"torch backend: max_context must be in 1..{cfg.max_position_embeddings}, got {max_context}")
         self.tokenizer = tokenizer
         # host copy for the loop's prompt embedding lookup (vocab x hidden x 4 bytes: 1.2 GB for the 3B model)
-        self.embed_table = model.head_weight.detach().float().cpu().numpy()
+        self.embed_table = model.head_weight.detach().cpu().float().numpy()   # cast on the host: no fp32 copy on the GPU
         self.max_context = max_context
         self._cache = KVCache.allocate(cfg, 1, max_context, dtype=self._dtype, device=self.device)
         self._length = 0
