@@ -99,6 +99,17 @@ def test_device_head_choice_matches_the_reference(sampling: Sampling, start: int
     torch.testing.assert_close(prob, want_prob, rtol=1e-5, atol=1e-6)
 
 
+def talkative_image(on_cpu, size: tuple[int, int]) -> tuple[np.ndarray, dict]:
+    """A random image the tiny model answers with more than 10 tokens, and that answer on the CPU: a random
+    model mostly answers <|im_end|> at once, which would compare a single full-vocabulary step."""
+    for seed in range(60):
+        image = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
+        answer = on_cpu.inference(image, "detection", ["cup", "door handle"])[0]
+        if len(answer["output_token_ids"]) > 10:
+            return image, answer
+    pytest.fail("no image made the tiny model answer with more than 10 tokens")
+
+
 class StandInGraph:
     """A 'captured' step that re-runs its Python body on replay."""
 
@@ -147,14 +158,7 @@ def test_cuda_backend_bookkeeping_on_cpu_stand_ins(tiny_checkpoint: Path, decodi
     monkeypatch.setattr(checkpoint, "load_model", lambda path, dtype, device=None: load_on_cpu(path, dtype=dtype))
 
     options = dict(backend="torch", decoding=decoding, max_tokens=40, dtype="float32", max_context=256)
-    on_cpu = RexOmni(tiny_checkpoint, device="cpu", **options)
-    for seed in range(60):   # a random model mostly answers <|im_end|> at once: find an image it talks about
-        image = (np.random.default_rng(seed).random((70, 110, 3)) * 255).astype(np.uint8)
-        cpu = on_cpu.inference(image, "detection", ["cup", "door handle"])[0]
-        if len(cpu["output_token_ids"]) > 10:
-            break
-    else:
-        pytest.fail("no image made the tiny model answer with more than 10 tokens")
+    image, cpu = talkative_image(RexOmni(tiny_checkpoint, device="cpu", **options), (70, 110))
     model = RexOmni(tiny_checkpoint, device="cuda", **options)
     assert type(model.backend).__name__ == "TorchCudaBackend"
     stand_in = model.inference(image, "detection", ["cup", "door handle"])[0]
@@ -173,14 +177,7 @@ def test_cuda_backend_gives_the_cpu_backends_tokens(tiny_checkpoint: Path, decod
     from rexedge.runtime.api import RexOmni
 
     options = dict(backend="torch", decoding=decoding, max_tokens=60, dtype="float32", max_context=1024)
-    on_cpu = RexOmni(tiny_checkpoint, device="cpu", **options)
-    for seed in range(60):   # an answer of <|im_end|> alone would compare one full-vocabulary step: find a longer one
-        image = (np.random.default_rng(seed).random((90, 150, 3)) * 255).astype(np.uint8)
-        cpu = on_cpu.inference(image, "detection", ["cup", "door handle"])[0]
-        if len(cpu["output_token_ids"]) > 10:
-            break
-    else:
-        pytest.fail("no image made the tiny model answer with more than 10 tokens")
+    image, cpu = talkative_image(RexOmni(tiny_checkpoint, device="cpu", **options), (90, 150))
     model = RexOmni(tiny_checkpoint, device="cuda", **options)
     cuda = model.inference(image, "detection", ["cup", "door handle"])[0]
     # and again: the second run replays the graphs captured in the first
