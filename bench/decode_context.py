@@ -83,14 +83,19 @@ def time_steps(runners: dict[Any, Any], contexts: dict[Any, int], warmup: int, s
     return times
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_step_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options of the step-timing benchmarks: contexts, warm-up and timed steps, ORT threads, --json."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--contexts", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_step_args(__doc__.splitlines()[0], argv)
 
     from rexedge.export.bundle import export_bundle
     from rexedge.runtime.backends import load_backend

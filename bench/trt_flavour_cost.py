@@ -18,7 +18,6 @@ copy means for the 3B model on a Jetson AGX Orin (a bandwidth estimate, not a me
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -26,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from rexedge.bench.decode_context import BENCH_CONFIG, kv_bytes_per_token, time_steps, write_random_checkpoint
+from rexedge.bench.decode_context import (
+    BENCH_CONFIG,
+    kv_bytes_per_token,
+    parse_step_args,
+    time_steps,
+    write_random_checkpoint,
+)
 from rexedge.export.config import RexOmniConfig
 
 ORIN_BANDWIDTH = 204.8e9  # bytes/s, Jetson AGX Orin (FACTS.md)
@@ -90,13 +95,7 @@ class KvInOutDecoder:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[200, 2000])
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    args = parse_step_args(__doc__.splitlines()[0], argv)
 
     from rexedge.export.bundle import export_bundle
     from rexedge.runtime.backends import load_backend

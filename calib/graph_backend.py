@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from rexedge.runtime.backends.base import (
     BackendError,
+    HostHeadBackend,
     check_capacity,
     check_embeds,
     check_image,
@@ -33,7 +34,6 @@ from rexedge.runtime.backends.base import (
 )
 from rexedge.runtime.backends.ort import DISABLED_OPTIMIZERS
 from rexedge.runtime.bundle import Bundle, load_bundle
-from rexedge.runtime.head import NumpyHead, Sampling
 from rexedge.runtime.preprocess import PreprocessedImage
 
 Feeds = dict[str, np.ndarray]
@@ -48,7 +48,7 @@ def vision_feeds(bundle: Bundle, image: PreprocessedImage) -> Feeds:
     return feeds
 
 
-class GraphBackend:
+class GraphBackend(HostHeadBackend):
     """The Backend protocol over plain ONNX Runtime runs (CPU); optionally reports every graph's inputs.
 
     ``on_vision`` / ``on_decoder`` are called with the complete feeds of each vision /
@@ -86,13 +86,6 @@ class GraphBackend:
         self.on_vision, self.on_decoder = on_vision, on_decoder
         self._cache: Feeds = {}
         self._length = 0
-
-    @property
-    def cache_length(self) -> int:
-        return self._length
-
-    def make_head(self, sampling: Sampling) -> NumpyHead:
-        return NumpyHead(self.embed_table, sampling)
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)

@@ -6,7 +6,7 @@
 - :mod:`rexedge.kernels.decode_attention`: M-RoPE + KV-cache append + split-context
   grouped-query attention for one (or a few) new tokens (flash-decoding).
 - :mod:`rexedge.kernels.rmsnorm`: residual add fused with the RMSNorm after it (one launch
-  instead of seven per norm at decode time).
+  instead of up to nine per norm at decode time).
 
 tests/test_kernel_compile.py compiles every launch the launchers make for sm_90 and sm_87
 without a GPU, which the interpreter cannot check (types, block shapes, shared memory).
@@ -15,6 +15,8 @@ Submodules import triton; this package file does not, so the error type is impor
 without it. On a CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before import).
 """
 
+from typing import Callable
+
 from rexedge.runtime.errors import RexEdgeError
 
 
@@ -22,4 +24,14 @@ class KernelInputError(RexEdgeError, ValueError):
     """Tensors handed to a kernel launcher that do not have the shapes, strides, dtypes or devices it needs."""
 
 
-__all__ = ["KernelInputError"]
+def input_check(kernel: str) -> Callable[[bool, str], None]:
+    """A launcher's check: ``check(cond, message)`` raises KernelInputError naming ``kernel`` when ``cond`` fails."""
+
+    def check(cond: bool, message: str) -> None:
+        if not cond:
+            raise KernelInputError(f"{kernel}: {message}")
+
+    return check
+
+
+__all__ = ["KernelInputError", "input_check"]

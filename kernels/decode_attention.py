@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from rexedge.export.model import apply_rotary, cached_attention
-from rexedge.kernels import KernelInputError
+from rexedge.kernels import input_check
 
 BLOCK_S = 64      # cache slots per inner step: one [64, D] k tile and v tile (16 KB each at D = 128, fp16)
 MAX_SPLITS = 64   # context chunks per (batch row, KV head); a chunk is a whole number of BLOCK_S tiles
@@ -173,9 +173,7 @@ def _combine_kernel(
     tl.store(out_ptr + row * D + d, acc.to(out_ptr.dtype.element_ty), mask=dm)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise KernelInputError(f"decode_attention: {message}")
+_check = input_check("decode_attention")
 
 
 def decode_attention(

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rexedge.kernels import KernelInputError
+from rexedge.kernels import input_check
 
 BLOCK_R = 64      # table rows per program
 BLOCK_H = 128     # hidden elements per inner step: a [64, 128] tile, 16 KB in fp16
@@ -126,9 +126,7 @@ def _head_reduce_kernel(
     tl.store(prob_ptr + b, tl.exp(chosen_logit - top) / total)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise KernelInputError(f"restricted_head: {message}")
+_check = input_check("restricted_head")
 
 
 def restricted_head(

@@ -1,10 +1,10 @@
 """Residual add + RMSNorm in one pass: ``x += delta; out = weight * rmsnorm(x)``.
 
 Why a kernel: at decode time a row is one token (H = 2,048 for Rex-Omni 3B), so each
-norm is latency, not bandwidth: the model's RMSNorm in plain torch is six small kernels
-(cast, square, mean, rsqrt, multiply, scale) and the residual add a seventh. Twice per
-layer over 36 layers that is ~500 launches of a few microseconds each in a decode step
-whose weights take ~2 ms to read. Here it is one launch: per row, reads x, delta and the
+norm is latency, not bandwidth: the model's RMSNorm in plain torch is up to eight small
+kernels in bf16 (cast, square, mean, + eps, rsqrt, multiply, cast back, scale; counted with
+a dispatch mode) and the residual add one more. Twice per layer over 36 layers that is
+~600 launches in a decode step whose weights take ~2 ms to read. Here it is one launch: per row, reads x, delta and the
 weight and writes x and out: 5 * H * 2 bytes (20 KB at H = 2,048, fp16/bf16).
 
 Rounding follows :class:`rexedge.export.model.RMSNorm` exactly: the sum is rounded to x's
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rexedge.kernels import KernelInputError
+from rexedge.kernels import input_check
 
 
 @triton.jit
@@ -45,9 +45,7 @@ def _add_rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + h, (w * normed).to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise KernelInputError(f"add_rms_norm: {message}")
+_check = input_check("add_rms_norm")
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -17,7 +17,7 @@ from rexedge.export.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 
 if TYPE_CHECKING:
-    from rexedge.runtime.head import Head, Sampling
+    from rexedge.runtime.head import Head, NumpyHead, Sampling
     from rexedge.runtime.preprocess import PreprocessedImage
     from rexedge.runtime.tokenizer import Tokenizer
 
@@ -26,6 +26,23 @@ DEFAULT_MAX_CONTEXT = 4096
 
 class BackendError(RexEdgeError, ValueError):
     """A backend that cannot be created or used as asked: unknown name or device, missing dependency, full cache."""
+
+
+class HostHeadBackend:
+    """What the host-side backends share: the numpy head over ``embed_table``, and the cache length
+    they keep in ``_length``."""
+
+    embed_table: np.ndarray
+    _length: int
+
+    @property
+    def cache_length(self) -> int:
+        return self._length
+
+    def make_head(self, sampling: "Sampling") -> "NumpyHead":
+        from rexedge.runtime.head import NumpyHead
+
+        return NumpyHead(self.embed_table, sampling)
 
 
 @runtime_checkable

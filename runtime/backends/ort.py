@@ -24,13 +24,13 @@ import onnxruntime as ort
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
     BackendError,
+    HostHeadBackend,
     check_capacity,
     check_embeds,
     check_image,
     check_positions,
     check_token_ids,
 )
-from rexedge.runtime.head import NumpyHead, Sampling
 from rexedge.runtime.bundle import load_bundle
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def _providers(device: str) -> tuple[list, str, int]:
     return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"], "cuda", device_id
 
 
-class OrtBackend:
+class OrtBackend(HostHeadBackend):
     """Runs a bundle (``rexedge export`` output) on ONNX Runtime."""
 
     name = "ort"
@@ -161,13 +161,6 @@ class OrtBackend:
             binding.bind_ortvalue_output(f"present_key_{i}", key)
             binding.bind_ortvalue_output(f"present_value_{i}", value)
         return binding, list(host.values())
-
-    @property
-    def cache_length(self) -> int:
-        return self._length
-
-    def make_head(self, sampling: Sampling) -> NumpyHead:
-        return NumpyHead(self.embed_table, sampling)
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)

@@ -16,13 +16,13 @@ import numpy as np
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
     BackendError,
+    HostHeadBackend,
     check_capacity,
     check_embeds,
     check_image,
     check_positions,
     check_token_ids,
 )
-from rexedge.runtime.head import NumpyHead, Sampling
 
 try:
     import torch
@@ -36,7 +36,7 @@ TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
 
 
-class TorchBackend:
+class TorchBackend(HostHeadBackend):
     """Runs a checkpoint directory with the compact torch model."""
 
     name = "torch"
@@ -66,13 +66,6 @@ class TorchBackend:
         self._cache = KVCache.allocate(self.config, 1, max_context, dtype=torch_dtype)
         self._dtype = torch_dtype
         self._length = 0
-
-    @property
-    def cache_length(self) -> int:
-        return self._length
-
-    def make_head(self, sampling: Sampling) -> NumpyHead:
-        return NumpyHead(self.embed_table, sampling)
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)

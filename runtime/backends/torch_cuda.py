@@ -3,7 +3,7 @@
 Decode steps (k = 1 for free / coordinate / choice steps, k > 1 for a jump-forward append)
 run a graph captured once per k: embedding, per layer q/k/v projections, the
 decode-attention kernel (rotary + in-place cache append + split-context GQA), o_proj and
-MLP, each residual add fused with the RMSNorm after it (one kernel instead of seven), into
+MLP, each residual add fused with the RMSNorm after it (one kernel instead of up to nine), into
 one static hidden buffer. The graph reads its token ids, positions
 and the cache length from one static device buffer that the host fills by a single
 asynchronous copy from pinned memory, so replaying needs no capture per length.
@@ -100,6 +100,7 @@ class DeviceHead:
         # any set of distinct ids fits (a constrained phrase's branch point lists one per category)
         self._ids = torch.zeros(vocab, dtype=torch.int64, device=device)
         self._ids_host = torch.zeros(vocab, dtype=torch.int64).pin_memory()
+        self._ids_staged = self._ids_host.numpy()               # the same pinned memory, written per step
         self._noise = torch.empty(1, vocab, dtype=torch.float32, device=device)
         self._logits = torch.empty(1, vocab, dtype=torch.float32, device=device)
         self._token = torch.empty(1, dtype=torch.int64, device=device)
@@ -167,7 +168,7 @@ class DeviceHead:
             self._hidden.copy_(torch.as_tensor(np.asarray(hidden)).view(1, -1))
         if extra:
             # the previous step's read of _ids_host has completed: every choose ends in a synchronize
-            self._ids_host.numpy()[: len(extra)] = extra
+            self._ids_staged[: len(extra)] = extra
             self._ids[: len(extra)].copy_(self._ids_host[: len(extra)], non_blocking=True)
         if self.sampling.temperature > 0:
             n = stop - start + len(extra)
@@ -226,6 +227,7 @@ class TorchCudaBackend:
         self._hidden = torch.empty(cfg.hidden_size, dtype=self._dtype, device=self.device)
         # [cache length, token ids (MAX_APPEND), positions (3 x MAX_APPEND)]: one copy per step
         self._inputs_host = torch.zeros(1 + 4 * MAX_APPEND, dtype=torch.int64).pin_memory()
+        self._inputs_staged = self._inputs_host.numpy()         # the same pinned memory, written per step
         self._inputs = torch.zeros(1 + 4 * MAX_APPEND, dtype=torch.int64, device=self.device)
         self._inputs_sent = torch.cuda.Event()
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -264,7 +266,7 @@ class TorchCudaBackend:
             raise BackendError(f"torch backend: {k} tokens in one step; at most {MAX_APPEND}")
         check_capacity(self.name, self._length, k, self.max_context)
         self._inputs_sent.synchronize()   # normally long done: the head waited on a later event
-        staged = self._inputs_host.numpy()
+        staged = self._inputs_staged
         staged[0] = self._length
         staged[1:1 + k] = token_ids
         staged[1 + MAX_APPEND:].reshape(3, MAX_APPEND)[:, :k] = positions
