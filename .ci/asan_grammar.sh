@@ -25,7 +25,7 @@ include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])'
 cd "$repo"
 LD_PRELOAD="$("$cc" -print-file-name=libasan.so):$("$cc" -print-file-name=libubsan.so)" \
 ASAN_OPTIONS=detect_leaks=0 PYTHONMALLOC=malloc GRAMMAR_ASAN_MODULE="$build/_grammar$suffix" \
-python - "$@" <<'EOF'
+python -P - "$@" <<'EOF'
 import importlib.util
 import os
 import sys

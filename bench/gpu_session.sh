@@ -11,7 +11,9 @@
 set -uo pipefail
 out=${1:-gpu-session}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+# PYTHONSAFEPATH: run from the repository root, our kernels/ would shadow the `kernels` package
+# that transformers imports (README)
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 PYTHONSAFEPATH=1
 python=${PYTHON:-python3}
 summary=()
 

@@ -15,6 +15,12 @@ def _cuda_present() -> bool:
 if not _cuda_present():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Python interpreters the tests start (`python -c`, `python -m rexedge.runtime.cli`) must not
+# put their working directory (often the repository root) on sys.path either: our folders
+# `kernels/`, `export/`, ... would shadow installed packages of those names
+# (tests/test_no_shadowing.py).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 from pathlib import Path
 
 import pytest
