@@ -10,7 +10,9 @@ Each result dictionary has the official wrapper's keys (``success``, ``image_siz
 ``resized_size``, ``task``, ``prompt``, ``raw_output``, ``extracted_predictions``,
 ``inference_time``, ``num_output_tokens``, ``num_prompt_tokens``, ``generation_time``,
 ``tokens_per_second``) plus ``output_token_ids``, ``detections``, ``absent`` (phrases
-answered "None"), ``stop_reason`` and ``timings`` (seconds per stage).
+answered "None"), ``stop_reason``, ``padding_tokens`` (output ids without text, the embedding's
+padding rows: they decode to nothing, as in the ``tokenizers`` library) and ``timings``
+(seconds per stage).
 
 ``constrain_phrases=True`` (structured decoding, detection and pointing): each phrase is
 one of the requested categories, chosen among their tokens (``rexedge.runtime.phrases``);
@@ -33,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from rexedge.runtime.backends import load_backend
+from rexedge.runtime.backends import Backend, load_backend
 from rexedge.runtime.grammar import Grammar, make_grammar
 from rexedge.runtime.head import Sampling
 from rexedge.runtime.loop import DecodeLoop, Limits
@@ -54,12 +56,16 @@ if TYPE_CHECKING:
 
 
 class RexOmni:
-    """Rex-Omni on one backend, chosen once: ``ort`` (a bundle) or ``torch`` (a checkpoint)."""
+    """Rex-Omni on one backend, chosen once: ``ort`` (a bundle) or ``torch`` (a checkpoint).
+
+    ``backend`` is a name (see ``rexedge.runtime.backends``), or a backend object already made
+    (a custom backend, a stand-in in tests) with ``model_path=None``.
+    """
 
     def __init__(
         self,
-        model_path: str | Path,
-        backend: str = "ort",
+        model_path: str | Path | None,
+        backend: str | Backend = "ort",
         device: str = "cpu",
         decoding: str = "structured",
         max_tokens: int = 4096,
@@ -75,7 +81,12 @@ class RexOmni:
         constrain_phrases: bool = False,
         **backend_options: Any,
     ) -> None:
-        self.backend = load_backend(backend, model_path, device=device, **backend_options)
+        if isinstance(backend, str):
+            self.backend = load_backend(backend, model_path, device=device, **backend_options)
+        elif model_path is not None or device != "cpu" or backend_options:
+            raise RexEdgeError("a backend object comes ready: pass model_path=None and no device or backend options")
+        else:
+            self.backend = backend
         self.config = self.backend.config
         self.tokenizer = self.backend.tokenizer
         self.ids = self.tokenizer.ids
@@ -132,7 +143,7 @@ class RexOmni:
         if len(prompt_ids) >= self.backend.max_context:
             raise RexEdgeError(f"the prompt needs {len(prompt_ids)} tokens but the backend holds "
                                f"{self.backend.max_context}; lower max_pixels or raise max_context")
-        grammar = make_grammar(task, ids, pre.image_size, decode=self.tokenizer.decode)
+        grammar = make_grammar(task, ids, pre.image_size, decode=self.decode)
         phrases = None
         if self.constrain_phrases and task in PHRASE_CONSTRAINED_TASKS:
             names = [categories] if isinstance(categories, str) else list(categories)
@@ -148,7 +159,7 @@ class RexOmni:
         t2 = time.perf_counter()
         gen = self.loop.run(prepared.prompt_ids, image_embeds, prepared.positions, prepared.rope_delta, grammar,
                             prepared.phrases)
-        raw_output = self.tokenizer.decode(gen.token_ids)
+        raw_output = self.decode(gen.token_ids)
         width, height = pre.image_size
         extracted = parse_prediction(raw_output, width, height, prepared.task)
         # preparation may have run ahead on another thread: count its own time, not the wait since
@@ -171,6 +182,7 @@ class RexOmni:
             "detections": gen.detections,
             "absent": grammar.absent,
             "stop_reason": gen.stop_reason,
+            "padding_tokens": self.tokenizer.count_textless(gen.token_ids),
             "timings": {
                 "preprocess_s": prepared.preprocess_s,
                 "vision_s": t2 - t1,
@@ -181,6 +193,10 @@ class RexOmni:
                 "steps": gen.steps,
             },
         }
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ids the model produced; padding rows of the embedding (no text) decode to nothing."""
+        return self.tokenizer.decode(token_ids, rows=self.backend.embed_table.shape[0])
 
     def stream(self, source: Any, task: str = "detection", categories: Any = None,
                keypoint_type: str | None = None, visual_prompt_boxes: Any = None, *, live: bool | None = None,

@@ -60,7 +60,7 @@ RECORD_START = b'{"image": '   # how every line starts (json.dumps of a dict who
 # the official wrapper's keys (token ids left out), then rexedge's
 RESULT_FIELDS = ("success", "task", "image_size", "resized_size", "prompt", "raw_output", "extracted_predictions",
                  "inference_time", "num_output_tokens", "num_prompt_tokens", "generation_time", "tokens_per_second",
-                 "absent", "stop_reason", "timings")
+                 "absent", "stop_reason", "padding_tokens", "timings")
 # visual prompts are checked per image against its size; for the up-front check of the request any box fits
 _ANY_SIZE = (1 << 30, 1 << 30)
 

@@ -6,7 +6,8 @@ the choice of token run here (or, on a GPU backend, in the backend's own head). 
 - ``exact``: every step over the full vocabulary, greedy (or the wrapper's sampling),
   repetition penalty over prompt and output, stop at <|im_end|>: the reference's tokens.
 - ``structured`` (default): the output grammar says what may come next. Phrase steps
-  exclude coordinate and special tokens, COORD steps multiply only the 1,000
+  exclude coordinate and special tokens, no FREE step (phrase or the keypoint task's
+  text) chooses a padding row of the embedding (no text), COORD steps multiply only the 1,000
   coordinate rows of the head, CHOICE steps a handful of rows, and the output is always
   in the task's grammar. FORCED tokens (what the grammar allows as the only
   continuation, e.g. <|object_ref_end|><|box_start|>, and with ``phrases`` the unique
@@ -140,17 +141,20 @@ class DecodeLoop:
         self._token = np.empty(MAX_STEP_TOKENS, dtype=np.int64)
         self._offsets = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
         self._stop_ids = {ids.im_end, ids.endoftext}
-        self._blocked_by_allowed: dict[tuple[int, ...], np.ndarray] = {}
+        self._blocked_by_allowed: dict[tuple[int, ...] | None, np.ndarray] = {}
 
-    def _text_blocked(self, allowed: tuple[int, ...]) -> np.ndarray:
-        """Rows a phrase may not use: added tokens (coordinates, specials) and padding rows, except ``allowed``."""
-        blocked = self._blocked_by_allowed.get(allowed)
+    def _blocked(self, allowed: tuple[int, ...], in_phrase: bool) -> np.ndarray:
+        """Rows a structured FREE step may not use: the padding rows (no text) always; in a phrase also
+        the added tokens (coordinates, specials), except ``allowed``."""
+        key = allowed if in_phrase else None
+        blocked = self._blocked_by_allowed.get(key)
         if blocked is None:
-            blocked = np.zeros(self.backend.embed_table.shape[0], dtype=bool)
-            blocked[list(self.backend.tokenizer.added_tokens.values())] = True
-            blocked[self.backend.tokenizer.vocab_size:] = True
-            blocked[list(allowed)] = False
-            self._blocked_by_allowed[allowed] = blocked
+            tokenizer = self.backend.tokenizer
+            blocked = ~tokenizer.has_text(self.backend.embed_table.shape[0])
+            if in_phrase:
+                blocked[list(tokenizer.added_tokens.values())] = True
+                blocked[list(allowed)] = False
+            self._blocked_by_allowed[key] = blocked
         return blocked
 
     def _what_next(self, grammar, phrases: PhraseTable | None, phrase: tuple[int, ...]) -> tuple[str, tuple[int, ...], bool]:
@@ -175,7 +179,8 @@ class DecodeLoop:
             return head.choose_range(hidden, ids.coord_start, ids.coord_start + ids.num_coords, allowed)
         if kind == "choice":
             return head.choose_ids(hidden, allowed)
-        return head.choose_full(hidden, self._text_blocked(allowed) if in_phrase else None)
+        # exact mode is the reference's full vocabulary, padding rows included
+        return head.choose_full(hidden, None if self.mode == "exact" else self._blocked(allowed, in_phrase))
 
     def _next_run(self, grammar, phrases: PhraseTable | None, answer: _Answer, hidden: np.ndarray,
                   room: int) -> tuple[str, list[int], str | None]:

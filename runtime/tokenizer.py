@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
@@ -137,7 +138,11 @@ class Tokenizer:
         if backend.pre_tokenizer is not None:
             self._plain.pre_tokenizer = backend.pre_tokenizer
         self._added = {token.content: token_id for token_id, token in backend.get_added_tokens_decoder().items()}
-        self._vocab_size = max(backend.get_vocab(with_added_tokens=True).values()) + 1
+        known = np.fromiter(backend.get_vocab(with_added_tokens=True).values(), dtype=np.int64)
+        self._vocab_size = int(known.max()) + 1
+        # ids with text; the rest (none in a well-formed vocabulary) decode to nothing like padding rows
+        self._has_text = np.zeros(self._vocab_size, dtype=bool)
+        self._has_text[known] = True
         self.ids = self._read_token_ids()
 
     # loading ---------------------------------------------------------------
@@ -202,13 +207,36 @@ class Tokenizer:
             raise TokenizerError(f"text to encode must be a str, got {type(text).__name__}")
         return self._plain.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; coordinate tokens decode to "<i>" and specials to their text."""
+    def decode(self, ids: Iterable[int], rows: int | None = None) -> str:
+        """Text of ``ids``; coordinate tokens decode to "<i>" and specials to their text.
+
+        Ids without text decode to nothing, as the ``tokenizers`` library's own decode skips
+        unknown ids: a model's embedding has padding rows past ``vocab_size`` (151,665..151,935
+        in the real one) that its head can choose, and decoding what the model produced must
+        never fail (``count_textless`` tells how many there were). ``rows``: the embedding's row
+        count; an id outside 0..rows-1 cannot come from the model and is an error (negative
+        ids always are).
+        """
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if i < 0 or self._full.id_to_token(i) is None]
+        bad = [i for i in ids if i < 0 or (rows is not None and i >= rows)]
         if bad:
-            raise TokenizerError(f"cannot decode token ids {bad[:5]}: not in the tokenizer's vocabulary")
-        return self._full.decode(ids, skip_special_tokens=False)
+            where = "negative" if rows is None else f"outside the embedding's rows 0..{rows - 1}"
+            raise TokenizerError(f"cannot decode token ids {bad[:5]}: {where}")
+        return self._full.decode([i for i in ids if self._text_of(i)], skip_special_tokens=False)
+
+    def count_textless(self, ids: Iterable[int]) -> int:
+        """How many of ``ids`` have no text (padding rows of the embedding): what ``decode`` drops."""
+        return sum(not self._text_of(int(i)) for i in ids)
+
+    def has_text(self, rows: int) -> np.ndarray:
+        """[rows] bool: which ids of an embedding of ``rows`` rows have text (False: padding rows)."""
+        mask = np.zeros(rows, dtype=bool)
+        n = min(rows, self._vocab_size)
+        mask[:n] = self._has_text[:n]
+        return mask
+
+    def _text_of(self, token_id: int) -> bool:
+        return 0 <= token_id < self._vocab_size and bool(self._has_text[token_id])
 
     @property
     def vocab_size(self) -> int:

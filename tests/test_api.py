@@ -26,7 +26,7 @@ NEW_TOKENS = 24
 # the official wrapper's result keys, then rexedge's additions
 OFFICIAL_KEYS = {"success", "image_size", "resized_size", "task", "prompt", "raw_output", "extracted_predictions",
                  "inference_time", "num_output_tokens", "num_prompt_tokens", "generation_time", "tokens_per_second"}
-EXTRA_KEYS = {"output_token_ids", "detections", "absent", "stop_reason", "timings"}
+EXTRA_KEYS = {"output_token_ids", "detections", "absent", "stop_reason", "padding_tokens", "timings"}
 
 
 def random_image(seed: int, low: int = 40, high: int = 300) -> np.ndarray:

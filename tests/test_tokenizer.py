@@ -13,6 +13,7 @@ import shutil
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -187,6 +188,14 @@ def test_real_layout_ids_and_reused_merges_are_dropped(tmp_path: Path) -> None:
     assert tok.encode_text(" No") == [220, 2000]
     assert tok.encode_text(" None") == [220, 4064]
     assert tok.decode([150648, 151645]) == "<5><|im_end|>"
+    # the real embedding's 271 padding rows (151,665..151,935) have no text: they decode to nothing
+    has_text = tok.has_text(151936)
+    assert tok.vocab_size == 151665 and has_text[151643:151665].all() and not has_text[151665:].any()
+    assert has_text.sum() == len(set(vocab.values()) | set(added))  # the sparse vocabulary's ids, no more
+    assert tok.decode([151760, 150648, 151935, 151665, 151645], rows=151936) == "<5><|im_end|>"
+    assert tok.count_textless([151760, 150648, 151935, 151665, 151645]) == 3
+    with pytest.raises(TokenizerError, match=r"token ids \[151936\]: outside the embedding's rows 0..151935"):
+        tok.decode([150648, 151936], rows=151936)
 
 
 def test_crafted_config_errors(tmp_path: Path) -> None:
@@ -265,10 +274,28 @@ def test_decode_coordinates_and_specials(tok: Tokenizer) -> None:
     assert tok.decode(sequence) == expected
 
 
+def test_padding_rows_decode_to_nothing_as_in_the_tokenizers_library(tok: Tokenizer, tmp_path: Path) -> None:
+    """2022..2047 are the tiny embedding's padding rows (no token): dropped, and counted, wherever they fall
+    (inside a multi-byte character too), as the library's own decode of the saved file skips them."""
+    import tokenizers
+
+    library = tokenizers.Tokenizer.from_file(str(tok.save(tmp_path)))
+    rng = np.random.default_rng(19)
+    assert tok.has_text(2048).tolist() == [True] * 2022 + [False] * 26
+    for _ in range(200):
+        ids = rng.integers(0, 2048, int(rng.integers(0, 40)))
+        ids[rng.random(ids.shape[0]) < 0.3] = rng.integers(2022, 2048)
+        text = tok.decode(ids, rows=2048)
+        assert text == library.decode(ids.tolist(), skip_special_tokens=False)
+        assert text == tok.decode([i for i in ids if i < 2022])
+        assert tok.count_textless(ids) == int((ids >= 2022).sum())
+
+
 def test_bad_inputs(tok: Tokenizer) -> None:
-    for bad in ([2022], [-1], [5000], [2047]):  # 2022..2047 are embedding padding with no token
-        with pytest.raises(TokenizerError, match="cannot decode token ids"):
-            tok.decode(bad)
+    # outside the embedding: no model can produce these ids
+    for bad, rows in (([-1], None), ([3, -5], 2048), ([2048], 2048), ([5000], 2048), ([2030], 2022)):
+        with pytest.raises(TokenizerError, match=f"cannot decode token ids \\[{bad[-1]}\\]"):
+            tok.decode(bad, rows=rows)
     with pytest.raises(TokenizerError, match="must be a str"):
         tok.encode_text(b"cup")  # type: ignore[arg-type]
 
