@@ -32,3 +32,20 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rexedge.export.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", preset="tiny", seed=0)
+
+
+LONG_RUNS = {"long_fuzz": "the long fuzz run (tests/test_fuzz.py, tens of thousands of streams)"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, what in LONG_RUNS.items():
+        config.addinivalue_line("markers", f"{name}: {what}; skipped unless selected with -m {name}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # a long run is skipped unless the -m expression names it
+    selected = config.getoption("markexpr") or ""
+    for item in items:
+        for name in LONG_RUNS:
+            if name in item.keywords and name not in selected:
+                item.add_marker(pytest.mark.skip(reason=f"long run: select it with -m {name}"))

@@ -47,6 +47,7 @@ class RecordingBackend:
         self.tokenizer, self.embed_table, self.max_context = tokenizer, embed_table, max_context
         self.config = None
         self._hidden = hidden
+        self.rope_delta = ROPE_DELTA
         self.steps: list[list[int]] = []
         self.cache_length = 0
 
@@ -60,7 +61,7 @@ class RecordingBackend:
         k = token_ids.shape[0]
         assert self.cache_length + k <= self.max_context, "the loop overfilled the KV cache"
         # decode positions: cache position + rope_delta, the same on the three streams
-        expected = np.arange(self.cache_length, self.cache_length + k) + ROPE_DELTA
+        expected = np.arange(self.cache_length, self.cache_length + k) + self.rope_delta
         np.testing.assert_array_equal(position_ids, np.tile(expected, (3, 1)))
         self.steps.append(token_ids.tolist())
         self.cache_length += k
