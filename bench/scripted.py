@@ -69,7 +69,7 @@ class ScriptedHead:
         token, prob = self._answer("free", start, prob)
         if blocked is not None and blocked[token]:
             raise BenchError(f"the scenario's token {token} at output position {self._cursor} is blocked at this "
-                             f"free step (a coordinate or special token inside a phrase)")
+                             f"free step (a coordinate or special token inside a phrase, or a padding row)")
         return token, prob
 
     def choose_range(self, hidden: np.ndarray, start: int, stop: int, extra: tuple[int, ...] = ()) -> tuple[int, float]:

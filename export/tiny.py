@@ -11,8 +11,10 @@ with the usual small-std init the residual stream of a random model is dominated
 current token's embedding and the argmax becomes a fixed point. Here embeddings are
 small and the projections have more than unit gain (std 1.5/sqrt(fan_in)), so attention
 and MLP outputs, which depend on the whole context, decide the next token. Embedding rows
-that no token of the tokenizer uses (the padding rows) are zero, so greedy decoding only
-produces ids the tokenizer can decode.
+that no token of the tokenizer uses (the padding rows) are zero by default, so greedy
+decoding of the tests' checkpoints stays on ids with text; ``padding_rows="random"`` draws
+them like the others, as in a real checkpoint (whose padding rows were initialised and
+never trained), so that a model may choose them (the runtime must survive that).
 
 The synthetic tokenizer takes the layout the preset's config ids imply (its
 <|image_pad|> id is the 13th special): the "tiny" layout (coordinates 1000..1999,
@@ -66,16 +68,17 @@ def tiny_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -
     return noise.mul_(LINEAR_GAIN / math.sqrt(math.prod(shape[1:])))
 
 
-def tiny_tensors(cfg: RexOmniConfig, seed: int, dtype: torch.dtype, token_rows: int,
+def tiny_tensors(cfg: RexOmniConfig, seed: int, dtype: torch.dtype, token_rows: int | None,
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of a checkpoint for ``cfg`` (published names and order), drawn from ``seed``.
 
-    Embedding (and untied head) rows from ``token_rows`` on are zero: no token maps to them.
+    Embedding (and untied head) rows from ``token_rows`` on are zero: no token maps to them
+    (None: every row stays random).
     """
     generator = torch.Generator().manual_seed(seed)
     for name, shape in expected_tensor_shapes(cfg).items():
         tensor = tiny_tensor(name, shape, generator)
-        if name in (EMBED, HEAD):
+        if name in (EMBED, HEAD) and token_rows is not None:
             tensor[token_rows:] = 0.0
         yield name, tensor.to(dtype)
 
@@ -187,16 +190,22 @@ def _clear_previous_checkpoint(out: Path) -> None:
         path.unlink()
 
 
+PADDING_ROWS = ("zero", "random")
+
+
 def write_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, dtype: str = "float32",
-                          shard_max_bytes: int | None = None) -> Path:
+                          shard_max_bytes: int | None = None, padding_rows: str = "zero") -> Path:
     """Write a random checkpoint for ``preset`` in the published layout to ``out`` and return its path.
 
     ``dtype`` is the on-disk dtype ("float32", "float16" or "bfloat16"). ``shard_max_bytes``
     caps a shard's size; by default weights are split into at least two shards of at most
     4 GiB. ``out`` must be new, empty, or hold only an earlier checkpoint (which is replaced).
+    ``padding_rows``: "zero" or "random", the embedding rows past the tokenizer's ids (module docstring).
     """
     if dtype not in TORCH_DTYPES:
         raise RexEdgeError(f"dtype {dtype!r}: expected one of {sorted(TORCH_DTYPES)}")
+    if padding_rows not in PADDING_ROWS:
+        raise RexEdgeError(f"padding_rows {padding_rows!r}: expected one of {', '.join(PADDING_ROWS)}")
     cfg = RexOmniConfig.preset(preset).replace(torch_dtype=dtype)
     out = Path(out)
     torch_dtype = TORCH_DTYPES[dtype]
@@ -210,7 +219,8 @@ def write_tiny_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0, 
     out.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(out, num_ordinary=cfg.image_token_id - QWEN_SPECIAL_TOKENS.index("<|image_pad|>"))
     _write_json(out / "config.json", cfg.to_hf_dict())
-    _write_shards(out, tiny_tensors(cfg, seed, torch_dtype, tokenizer_size(out)), total_bytes, shard_max_bytes)
+    token_rows = tokenizer_size(out) if padding_rows == "zero" else None
+    _write_shards(out, tiny_tensors(cfg, seed, torch_dtype, token_rows), total_bytes, shard_max_bytes)
     _write_json(out / "preprocessor_config.json", preprocessor_config())
     _write_json(out / "generation_config.json",
                 generation_config(json.loads((out / "tokenizer_config.json").read_text())))

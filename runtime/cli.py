@@ -18,7 +18,7 @@ from rexedge.runtime.errors import RexEdgeError
 def _tiny_checkpoint(args: argparse.Namespace) -> None:
     from rexedge.export.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(args.out, preset=args.preset, seed=args.seed)
+    path = write_tiny_checkpoint(args.out, preset=args.preset, seed=args.seed, padding_rows=args.padding_rows)
     print(f"wrote a {args.preset} checkpoint (random weights, seed {args.seed}) to {path}")
 
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="directory to write")
     p.add_argument("--preset", default="tiny", help="config preset (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--padding-rows", choices=["zero", "random"], default="zero",
+                   help="embedding rows past the tokenizer's ids: zero (default), or random as in a real checkpoint")
     p.set_defaults(handler=_tiny_checkpoint)
 
     p = sub.add_parser("prompt", help="show the prompt, token ids and image grid the model will see")

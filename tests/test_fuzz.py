@@ -291,3 +291,16 @@ def test_stream_yields_garbage_output_as_ordinary_results(garbage_model, tokeniz
     assert sum(r.result["padding_tokens"] for r in results) > 0
     for r in results:
         check_result(r.result, tokenizer, "keypoint")
+
+
+def test_issue_scenario_on_the_tiny_model(tmp_path: Path) -> None:
+    """The issue's run at test size: a checkpoint whose padding rows are random (as a real one's), the ort
+    backend in exact mode: the model chooses padding rows, and every request completes."""
+    from rexedge.bench.padding_survival import run
+    from rexedge.export.bundle import export_bundle
+    from rexedge.export.tiny import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "checkpoint", seed=3, padding_rows="random")
+    summary = run(export_bundle(checkpoint, tmp_path / "bundle", progress=False), requests=4, max_tokens=150, seed=0)
+    assert summary["completed"] == 4, summary["records"]
+    assert summary["padding_tokens"] > 0 and summary["embedding_rows"] == ROWS

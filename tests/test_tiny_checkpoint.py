@@ -205,3 +205,17 @@ def test_cli(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert refused.stderr.strip() == (f"rexedge tiny-checkpoint: error: {out}: not empty and not a checkpoint "
                                       f"directory (holds notes.txt); choose an empty or new directory")
+
+
+def test_random_padding_rows_are_the_zero_checkpoints_draw(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """padding_rows="random" keeps the padding rows of the draw (as a real, untrained-there checkpoint has);
+    every other tensor and row is the default checkpoint's."""
+    random_dir = write_tiny_checkpoint(tmp_path / "random", seed=0, padding_rows="random")
+    zero, random = read_shards(tiny_checkpoint), read_shards(random_dir)
+    tokens = 1 + max(special_ids(tiny_checkpoint).values())
+    embed = random["model.embed_tokens.weight"]
+    assert embed.shape[0] > tokens and 0.04 < embed[tokens:].std() < 0.06
+    torch.testing.assert_close(embed[:tokens], zero["model.embed_tokens.weight"][:tokens], rtol=0, atol=0)
+    assert all(torch.equal(zero[n], random[n]) for n in zero if n != "model.embed_tokens.weight")
+    with pytest.raises(RexEdgeError, match="padding_rows 'none': expected one of zero, random"):
+        write_tiny_checkpoint(tmp_path / "bad", padding_rows="none")
