@@ -6,7 +6,7 @@ checkpoint's are, exported to a bundle; the ``ort`` backend in exact mode (the f
 padding rows can win); random 200x260 images; ``max_tokens=400``. Before the fix, 3 of 8
 requests raised ``TokenizerError``. Prints one line per request and a JSON summary.
 
-    python -m rexedge.bench.padding_survival --requests 8 --json out.json
+    python -P -m rexedge.bench.padding_survival --requests 8 --json out.json
 """
 
 from __future__ import annotations
