@@ -31,8 +31,8 @@ from test_api import EXTRA_KEYS, OFFICIAL_KEYS
 from test_loop import RecordingBackend, full, offered, text_ids
 from rexedge.export.config import RexOmniConfig
 from rexedge.runtime.api import RexOmni
-from rexedge.runtime.batch import result_record
-from rexedge.runtime.grammar import GEOMETRY_OF_TASK, make_grammar
+from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.grammar import COORDS_PER_GEOMETRY, GEOMETRY_OF_TASK, make_grammar
 from rexedge.runtime.parse import parse_prediction
 from rexedge.runtime.prompts import KEYPOINT_NAMES
 from rexedge.runtime.results import detections_to_json
@@ -47,8 +47,6 @@ STREAMS_PER_COMBO = 80              # default run: 8 tasks x 2 modes x 2 cores x
 LONG_STREAMS_PER_COMBO = 1600       # the marked long run: 51,200 streams
 CATEGORIES = ["cup", "door handle", "person", "red cupboard"]
 STOP_REASONS = {"eos", "grammar_done", "max_new_tokens", "max_boxes", "zero_box", "repeated_box", "context_full"}
-COORDS_PER_TASK = {"detection": 4, "visual_prompting": 4, "gui_grounding": 4, "ocr_box": 4, "pointing": 2,
-                   "gui_pointing": 2}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +130,7 @@ def valid_answer(rng: np.random.Generator, tokenizer: Tokenizer, task: str) -> l
         if rng.random() < 0.2:
             groups.append((phrase, None))
             continue
-        n = COORDS_PER_TASK.get(task) or 2 * int(rng.integers(3, 7))
+        n = COORDS_PER_GEOMETRY.get(GEOMETRY_OF_TASK[task]) or 2 * int(rng.integers(3, 7))   # polygons: 6..12
         geoms = [tuple(coord() for _ in range(n)) for _ in range(int(rng.integers(1, 4)))]
         if rng.random() < 0.1:
             geoms.append((0,) * n)
@@ -248,6 +246,14 @@ def test_fuzzed_model_output_never_breaks_a_request(tokenizer: Tokenizer) -> Non
 def test_long_fuzz(tokenizer: Tokenizer) -> None:
     seen = fuzz(tokenizer, LONG_STREAMS_PER_COMBO, seed=20)
     assert seen["streams"] == len(COMBOS) * LONG_STREAMS_PER_COMBO
+
+
+def test_a_backend_object_takes_no_model_path_or_backend_options(tokenizer: Tokenizer) -> None:
+    backend = WishingBackend(tokenizer, unit_table(1))
+    for wrong in ({"model_path": "bundle"}, {"model_path": None, "device": "cuda"},
+                  {"model_path": None, "max_context": 64}):
+        with pytest.raises(RexEdgeError, match="a backend object comes ready: pass model_path=None and no device"):
+            RexOmni(backend=backend, **wrong)
 
 
 # --------------------------------------------------------------------------- pipelines
