@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
@@ -135,13 +135,22 @@ def _read_list(path: Path) -> list[str]:
             for line in listed if line and not line.startswith("#")]
 
 
-def run_batch(model: RexOmni, inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
-              task: str = "detection", categories: Any = None, keypoint_type: str | None = None,
-              visual_prompt_boxes: Any = None, *, coco: str | os.PathLike | None = None,
-              category_ids: Mapping[str, int] | str | os.PathLike | None = None,
-              image_ids: Mapping[str, int] | str | os.PathLike | None = None,
-              progress: bool = True) -> BatchSummary:
-    """Run ``model`` on every input image, appending one JSON line per image to ``out``."""
+@dataclass
+class BatchPlan:
+    """What a run has to do, checked before any image runs: shared by ``run_batch`` and the Ray run."""
+    out: Path
+    request: dict[str, Any]
+    todo: list[str]               # input paths not yet in the output, in input order
+    summary: BatchSummary         # ``skipped`` already counted
+    coco: _CocoPlan | None
+
+
+def plan_batch(inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
+               task: str = "detection", categories: Any = None, keypoint_type: str | None = None,
+               visual_prompt_boxes: Any = None, *, coco: str | os.PathLike | None = None,
+               category_ids: Mapping[str, int] | str | os.PathLike | None = None,
+               image_ids: Mapping[str, int] | str | os.PathLike | None = None) -> BatchPlan:
+    """The request, the images still to run and the COCO options, with every check a run makes up front."""
     request = {"task": task, "categories": categories, "keypoint_type": keypoint_type,
                "visual_prompt_boxes": visual_prompt_boxes}
     request = json.loads(json.dumps(request))   # as it reads back from the file (tuples become lists)
@@ -158,36 +167,71 @@ def run_batch(model: RexOmni, inputs: str | os.PathLike | Sequence[str | os.Path
             summary.skipped += 1
         else:
             todo.append(path)
+    return BatchPlan(out, request, todo, summary, coco_plan)
 
-    with open(out, "a", encoding="utf-8") as sink, ThreadPoolExecutor(1, thread_name_prefix="rexedge-batch") as pool, \
+
+def run_batch(model: RexOmni, inputs: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike,
+              task: str = "detection", categories: Any = None, keypoint_type: str | None = None,
+              visual_prompt_boxes: Any = None, *, coco: str | os.PathLike | None = None,
+              category_ids: Mapping[str, int] | str | os.PathLike | None = None,
+              image_ids: Mapping[str, int] | str | os.PathLike | None = None,
+              progress: bool = True) -> BatchSummary:
+    """Run ``model`` on every input image, appending one JSON line per image to ``out``."""
+    plan = plan_batch(inputs, out, task, categories, keypoint_type, visual_prompt_boxes, coco=coco,
+                      category_ids=category_ids, image_ids=image_ids)
+    todo, request = plan.todo, plan.request
+    with open(plan.out, "a", encoding="utf-8") as sink, \
+            ThreadPoolExecutor(1, thread_name_prefix="rexedge-batch") as pool, \
             tqdm(total=len(todo), unit="img", desc="batch", disable=not progress) as bar:
         # the next image is hashed and prepared on the pool while the current one runs on the model
-        pending: Future | None = pool.submit(_prepare, model, todo[0], request) if todo else None
+        pending: Future | None = pool.submit(prepare_image, model, todo[0], request) if todo else None
         for index, path in enumerate(todo):
             assert pending is not None
-            sha256, prepared, error = pending.result()
-            pending = pool.submit(_prepare, model, todo[index + 1], request) if index + 1 < len(todo) else None
-            record: dict[str, Any] = {"image": path, "sha256": sha256}
-            if prepared is not None:
-                try:
-                    result = model.run(prepared)
-                except Exception as e:  # one image's failure is its error line; the run goes on
-                    error = e
-                else:
-                    record.update(status="ok", request=request, **result_record(result))
-                    summary.latencies_s.append(result["inference_time"])
-            if error is not None:
-                record.update(status="error", request=request, error=f"{type(error).__name__}: {error}")
-                summary.failed += 1
-            else:
-                summary.done += 1
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
+            prepared = pending.result()
+            pending = pool.submit(prepare_image, model, todo[index + 1], request) if index + 1 < len(todo) else None
+            record, latency = image_record(model, path, request, prepared)
+            write_record(sink, plan.summary, record, latency)
             bar.update(1)
-            bar.set_postfix(failed=summary.failed, refresh=False)
-    if coco_plan is not None:
-        _write_coco(out, request, coco_plan, summary)
-    return summary
+            bar.set_postfix(failed=plan.summary.failed, refresh=False)
+    return finish_batch(plan)
+
+
+def image_record(model: RexOmni, path: str, request: dict[str, Any],
+                 prepared: tuple[str | None, PreparedRequest | None, Exception | None] | None = None
+                 ) -> tuple[dict[str, Any], float | None]:
+    """The output line of one image and its latency (None for an error line); never raises for a bad image.
+
+    ``prepared``: what ``prepare_image`` gave for it, when it ran ahead on another thread."""
+    sha256, request_ready, error = prepare_image(model, path, request) if prepared is None else prepared
+    record: dict[str, Any] = {"image": path, "sha256": sha256}
+    if request_ready is not None:
+        try:
+            result = model.run(request_ready)
+        except Exception as e:  # one image's failure is its error line; the run goes on
+            error = e
+        else:
+            record.update(status="ok", request=request, **result_record(result))
+            return record, result["inference_time"]
+    record.update(status="error", request=request, error=f"{type(error).__name__}: {error}")
+    return record, None
+
+
+def write_record(sink: TextIO, summary: BatchSummary, record: Mapping[str, Any], latency: float | None) -> None:
+    """Appends one image's line and flushes it (an interruption loses nothing done); counts it in ``summary``."""
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()
+    if record["status"] == "ok":
+        summary.done += 1
+        summary.latencies_s.append(latency)
+    else:
+        summary.failed += 1
+
+
+def finish_batch(plan: BatchPlan) -> BatchSummary:
+    """Writes the COCO file when asked (from every ok line of the output); the run's summary."""
+    if plan.coco is not None:
+        _write_coco(plan.out, plan.request, plan.coco, plan.summary)
+    return plan.summary
 
 
 def result_record(result: Mapping[str, Any]) -> dict[str, Any]:
@@ -195,8 +239,8 @@ def result_record(result: Mapping[str, Any]) -> dict[str, Any]:
     return {**{key: result[key] for key in RESULT_FIELDS}, "detections": detections_to_json(result["detections"])}
 
 
-def _prepare(model: RexOmni, path: str, request: dict[str, Any]
-             ) -> tuple[str | None, PreparedRequest | None, Exception | None]:
+def prepare_image(model: RexOmni, path: str, request: dict[str, Any]
+                  ) -> tuple[str | None, PreparedRequest | None, Exception | None]:
     """(sha256, prepared request, None), or (sha256 or None, None, the error) for a bad file."""
     try:
         sha256 = _sha256(path)
