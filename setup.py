@@ -14,6 +14,8 @@ SUBPACKAGES = ["export", "runtime", "kernels", "calib", "bench"]
 warnings = ["/W4", "/WX"] if sys.platform == "win32" else ["-Wall", "-Wextra", "-Werror", "-std=c99"]
 
 TORCH = "torch==2.13.0"
+# tested with 2.60; the Ray Data APIs used (ActorPoolStrategy(size=), from_items(override_num_blocks=)) are older
+RAY = "ray[data]>=2.40"
 
 setup(
     name="rexedge",
@@ -36,8 +38,10 @@ setup(
         "video": ["opencv-python-headless"],
         # rexedge calibrate: onnxruntime's quantization tools need onnx (no torch)
         "int8": ["onnx"],
-        "dev": [TORCH, "onnx", "safetensors>=0.8", "triton", "transformers", "pytest", "pytest-benchmark", "hypothesis",
-                "opencv-python-headless", "pycocotools", "matplotlib"],
+        # rexedge batch --ray: Ray Data's actor pools across a cluster
+        "ray": [RAY],
+        "dev": [TORCH, RAY, "onnx", "safetensors>=0.8", "triton", "transformers", "pytest", "pytest-benchmark",
+                "hypothesis", "opencv-python-headless", "pycocotools", "matplotlib"],
     },
     entry_points={"console_scripts": ["rexedge = rexedge.runtime.cli:main"]},
 )

@@ -192,13 +192,20 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
 def model_from_args(args: argparse.Namespace, model_path=None):
     """The RexOmni that the request options ask for (``model_path`` overrides --model)."""
     from rexedge.runtime.api import RexOmni
+
+    path, options = model_spec(args, model_path)
+    return RexOmni(path, **options)
+
+
+def model_spec(args: argparse.Namespace, model_path=None) -> tuple[Path, dict]:
+    """The model path (``demo``: the embedded bundle) and the RexOmni options the request options ask for."""
     from rexedge.runtime.demo import DEMO_BUNDLE
 
     model_path = args.model if model_path is None else model_path
     if str(model_path) == "demo" and not Path("demo").exists():
         model_path = DEMO_BUNDLE
-    return RexOmni(model_path, backend=args.backend, device=args.device,
-                   decoding=args.decoding, max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
+    return Path(model_path), dict(backend=args.backend, device=args.device, decoding=args.decoding,
+                                  max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -296,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category-ids", metavar="MAP.json", help="{phrase: id} or a COCO annotation file (with --coco)")
     p.add_argument("--image-ids", metavar="MAP.json",
                    help="{file name: id} or a COCO annotation file (with --coco; default: numeric file names)")
+    ray = p.add_argument_group("Ray (pip install 'rexedge[ray]'; docs/pipelines.md)")
+    ray.add_argument("--ray", action="store_true", help="run on a pool of Ray actors, each loading the model")
+    ray.add_argument("--address", help="Ray cluster to join: auto (the one `ray start` made here), ray://HOST:10001, "
+                     "...; default: a local Ray instance for this run")
+    ray.add_argument("--actors", type=int, help="actors, each holding one model (default: 1)")
+    ray.add_argument("--gpus-per-actor", type=float, metavar="G",
+                     help="GPUs reserved per actor, fractions share one (default: 0; use with --device cuda)")
+    ray.add_argument("--max-batch", type=int, metavar="B",
+                     help="images per request; only 1 until batched decoding lands in RexOmni")
     p.set_defaults(handler=_batch)
 
     p = sub.add_parser("bench", help="latency per stage and per token of backends against a baseline (JSON, table, plot)")
