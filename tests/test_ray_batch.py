@@ -143,19 +143,22 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path: Path, mo
 
     thread = threading.Thread(target=run)
     thread.start()
-    killed, written_at_kill = None, None
+    killed, written_at_kill, before, after = None, None, set(), set()
     deadline = time.monotonic() + KILL_WAIT_S
-    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+    while thread.is_alive() and time.monotonic() < deadline:
         pids = actor_pids()
+        if killed is not None:
+            after |= pids
         # both actors up and the first lines in: the run is in full flow, most images still to come
-        if len(pids) == 2 and out.exists() and out.read_text().count("\n") >= 1:
+        elif len(pids) == 2 and out.exists() and out.read_text().count("\n") >= 1:
             written_at_kill = out.read_text().count("\n")
-            killed = min(pids)
+            killed, before = min(pids), pids
             os.kill(killed, signal.SIGKILL)
         time.sleep(0.01)
     thread.join(KILL_WAIT_S)
     assert not thread.is_alive() and "error" not in result, result.get("error")
     assert killed is not None and written_at_kill < len(images), "the kill must land while images are left"
+    assert after - before, "Ray restarts the killed actor: a new actor process"
     summary = result["summary"]
     assert (summary.done, summary.failed) == (len(images), 0)
     got = by_image(read_lines(out))   # every image once
