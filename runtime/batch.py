@@ -27,6 +27,9 @@ runs' included) is written in the COCO results format through ``rexedge.runtime.
 phrases without a category id are counted in ``BatchSummary.unmatched``. Image ids come
 from ``image_ids`` ({file name or path: id}, or a COCO annotation file's "images"), else
 from a numeric file name (``000000397133.jpg`` -> 397133).
+
+Across machines: ``rexedge.runtime.ray_batch`` runs the same plan on Ray actors, building
+each line with ``image_record`` and writing it with ``write_record``.
 """
 
 from __future__ import annotations

@@ -60,6 +60,22 @@ class ImageActor:
         return {"line": lines, "latency": latencies, "pid": [os.getpid()] * len(lines)}
 
 
+def local_actor_pids() -> set[int]:
+    """The processes of this machine's ``ImageActor``s (Linux), found by the title Ray gives an actor's
+    process (``ray::MapWorker(MapBatches(ImageActor))``): to watch their memory, or to kill one in a test."""
+    title = f"MapBatches({ImageActor.__name__})".encode()
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:   # gone since the listing
+                continue
+            if title in cmdline:
+                pids.add(int(entry.name))
+    return pids
+
+
 def check_ray_options(actors: int, gpus_per_actor: float, max_batch: int) -> None:
     """Refuses options a run cannot use, before Ray starts."""
     if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:

@@ -23,7 +23,7 @@ from rexedge.runtime.cli import main
 from rexedge.runtime.demo import DEMO_BUNDLE
 
 ray = pytest.importorskip("ray", reason="the Ray run needs ray (pip install 'rexedge[ray]', in the dev extra)")
-from rexedge.runtime.ray_batch import run_batch_ray  # noqa: E402  (after the skip: ray_batch is for ray only)
+from rexedge.runtime.ray_batch import local_actor_pids, run_batch_ray  # noqa: E402  (after the skip: ray_batch is for ray only)
 
 CATEGORIES = ["cup", "door handle"]
 OPTIONS = {"max_tokens": 200, "constrain_phrases": True}   # phrases are the categories: COCO gets results
@@ -113,20 +113,6 @@ def test_ray_lines_equal_single_process_lines_and_resume_runs_exactly_the_delete
     assert len(read_lines(Path("ray.jsonl"))) == len(lines)
 
 
-def actor_pids() -> set[int]:
-    """The processes of our Ray Data actors, by the title Ray gives them (ray::MapWorker(MapBatches(ImageActor)))."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"MapBatches(ImageActor)" in cmdline:
-                pids.add(int(entry.name))
-    return pids
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the actor processes in /proc")
 def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -146,7 +132,7 @@ def test_an_actor_killed_mid_run_loses_and_duplicates_nothing(tmp_path: Path, mo
     killed, written_at_kill, before, after = None, None, set(), set()
     deadline = time.monotonic() + KILL_WAIT_S
     while thread.is_alive() and time.monotonic() < deadline:
-        pids = actor_pids()
+        pids = local_actor_pids()
         if killed is not None:
             after |= pids
         # both actors up and the first lines in: the run is in full flow, most images still to come
