@@ -192,8 +192,7 @@ def run_batch(model: RexOmni, inputs: str | os.PathLike | Sequence[str | os.Path
             assert pending is not None
             prepared = pending.result()
             pending = pool.submit(prepare_image, model, todo[index + 1], request) if index + 1 < len(todo) else None
-            record, latency = image_record(model, path, request, prepared)
-            write_record(sink, plan.summary, record, latency)
+            write_record(sink, plan.summary, image_record(model, path, request, prepared))
             bar.update(1)
             bar.set_postfix(failed=plan.summary.failed, refresh=False)
     return finish_batch(plan)
@@ -201,8 +200,8 @@ def run_batch(model: RexOmni, inputs: str | os.PathLike | Sequence[str | os.Path
 
 def image_record(model: RexOmni, path: str, request: dict[str, Any],
                  prepared: tuple[str | None, PreparedRequest | None, Exception | None] | None = None
-                 ) -> tuple[dict[str, Any], float | None]:
-    """The output line of one image and its latency (None for an error line); never raises for a bad image.
+                 ) -> dict[str, Any]:
+    """The output line of one image; never raises for a bad image.
 
     ``prepared``: what ``prepare_image`` gave for it, when it ran ahead on another thread."""
     sha256, request_ready, error = prepare_image(model, path, request) if prepared is None else prepared
@@ -214,18 +213,18 @@ def image_record(model: RexOmni, path: str, request: dict[str, Any],
             error = e
         else:
             record.update(status="ok", request=request, **result_record(result))
-            return record, result["inference_time"]
+            return record
     record.update(status="error", request=request, error=f"{type(error).__name__}: {error}")
-    return record, None
+    return record
 
 
-def write_record(sink: TextIO, summary: BatchSummary, record: Mapping[str, Any], latency: float | None) -> None:
+def write_record(sink: TextIO, summary: BatchSummary, record: Mapping[str, Any]) -> None:
     """Appends one image's line and flushes it (an interruption loses nothing done); counts it in ``summary``."""
     sink.write(json.dumps(record) + "\n")
     sink.flush()
     if record["status"] == "ok":
         summary.done += 1
-        summary.latencies_s.append(latency)
+        summary.latencies_s.append(record["inference_time"])
     else:
         summary.failed += 1
 

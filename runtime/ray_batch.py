@@ -24,8 +24,8 @@ paths on every node. ``ray`` is imported here only, when a run starts.
 from __future__ import annotations
 
 import json
-import math
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,19 +45,19 @@ class ImageActor:
     def __init__(self, model_path: str, model_options: Mapping[str, Any], request: dict[str, Any], cwd: str) -> None:
         from rexedge.runtime.api import RexOmni
 
+        if not os.path.isdir(cwd):
+            raise BatchError(f"the driver's working folder {cwd} does not exist on node {socket.gethostname()}: "
+                             f"the inputs must be at the same paths on every node (a shared filesystem)")
         # the driver's relative paths name the same files here, and error lines read the same
         os.chdir(cwd)
         self.model = RexOmni(model_path, **model_options)
         self.request = request
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        lines, latencies = [], []
-        for path in batch["path"]:
-            record, latency = image_record(self.model, str(path), self.request)
-            lines.append(json.dumps(record))
-            latencies.append(math.nan if latency is None else latency)
-        # the process id lets a run (and a test) see which actor did what, and restarts
-        return {"line": lines, "latency": latencies, "pid": [os.getpid()] * len(lines)}
+        # JSON text: Arrow would want one schema for the ok and the error lines
+        lines = [json.dumps(image_record(self.model, str(path), self.request)) for path in batch["path"]]
+        # the process id: the driver counts actor processes, which shows restarts
+        return {"line": lines, "pid": [os.getpid()] * len(lines)}
 
 
 def local_actor_pids() -> set[int]:
@@ -153,7 +153,7 @@ def _run_on_ray(ray: Any, plan: BatchPlan, model_path: str, model_options: dict[
                     continue
                 written.add(record["image"])
                 processes.add(row["pid"])
-                write_record(sink, plan.summary, record, None if math.isnan(row["latency"]) else row["latency"])
+                write_record(sink, plan.summary, record)
                 bar.update(1)
                 bar.set_postfix(failed=plan.summary.failed, actor_processes=len(processes), refresh=False)
     finally:
