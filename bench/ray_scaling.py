@@ -5,9 +5,10 @@
 One local Ray instance (``--cpus``, default 2) serves every Ray run; each run writes a fresh
 output over the same generated images, so the Ray runs pay for starting their actors and
 loading their models (the single process has its model loaded before the clock starts).
-Per run: wall seconds, images/s over the wall time, and the steady rate (images/s between
-the first and the last line written: model loads left out); per Ray run the peak RSS of
-each actor process, for the single process its own RSS after the run. Repeats go round the
+Per run: wall seconds, images/s over the wall time, the steady rate (images/s between the
+first and the last line written: model loads left out), when the first line came, the mean
+latency of one image (``inference_time``: the model's work, waits aside); per Ray run the
+peak RSS of each actor process, for the single process its own RSS after the run. Repeats go round the
 configurations in turn; the printed figures are medians.
 """
 
@@ -23,16 +24,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-from PIL import Image
+from rexedge.runtime.cli import OPENBLAS_THREAD_TIMEOUT
 
-from rexedge.runtime.api import RexOmni
-from rexedge.runtime.batch import run_batch
-from rexedge.runtime.demo import DEMO_BUNDLE
-from rexedge.runtime.ray_batch import local_actor_pids, run_batch_ray
+# as the rexedge command does, before numpy loads OpenBLAS (its idle workers spin otherwise, bench/RESULTS.md);
+# a local Ray instance started here passes it on to the actors
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT)
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from rexedge.runtime.api import RexOmni  # noqa: E402
+from rexedge.runtime.batch import run_batch  # noqa: E402
+from rexedge.runtime.demo import DEMO_BUNDLE  # noqa: E402
+from rexedge.runtime.ray_batch import local_actor_pids, run_batch_ray  # noqa: E402
 
 CATEGORIES = ["cup", "dog"]
 POLL_S = 0.02
+CONFIGS = ("single process", "ray, 1 actor", "ray, 2 actors")
 
 
 def _rss_bytes(pid: int) -> int | None:
@@ -89,6 +97,7 @@ def _timed(run: Callable[[Path], Any], out: Path, images: int) -> dict[str, Any]
     assert summary.done == images and watch.lines == images, (summary, watch.lines)
     steady = (images - 1) / (watch.last - watch.first) if watch.last > watch.first else None
     return {"wall_s": wall, "images_per_s": images / wall, "steady_images_per_s": steady,
+            "first_line_s": watch.first - start, "mean_latency_s": summary.mean_latency_s,
             "actor_peak_rss_mb": sorted(round(v / 2**20) for v in watch.peak_rss.values())}
 
 
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                        help="what to run (default: all)")
     parser.add_argument("--json", metavar="OUT", help="write every run's figures here")
     args = parser.parse_args(argv)
 
@@ -136,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             return lambda out: run_batch_ray(bundle, work / "images", out, categories=CATEGORIES,
                                              model_options=options, actors=actors, progress=False)
 
-        configs = {"single process": single, "ray, 1 actor": on_ray(1), "ray, 2 actors": on_ray(2)}
+        configs = {name: run for name, run in zip(CONFIGS, (single, on_ray(1), on_ray(2))) if name in args.configs}
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
         try:
@@ -146,12 +157,15 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"repeat {repeat + 1}, {name}: {runs[name][-1]}", flush=True)
         finally:
             ray.shutdown()
-    runs["single process"][-1]["process_rss_mb"] = single_rss["mb"]
+    if single_rss:
+        runs["single process"][-1]["process_rss_mb"] = single_rss["mb"]
     summary = {name: {key: statistics.median(r[key] for r in rs)
-                      for key in ("wall_s", "images_per_s", "steady_images_per_s")} for name, rs in runs.items()}
+                      for key in ("wall_s", "images_per_s", "steady_images_per_s", "first_line_s", "mean_latency_s")}
+               for name, rs in runs.items()}
     for name, figures in summary.items():
         print(f"{name}: median wall {figures['wall_s']:.1f} s, {figures['images_per_s']:.2f} images/s, "
-              f"steady {figures['steady_images_per_s']:.2f} images/s")
+              f"steady {figures['steady_images_per_s']:.2f} images/s, "
+              f"first line after {figures['first_line_s']:.1f} s, mean latency {figures['mean_latency_s'] * 1e3:.0f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "medians": summary}, indent=2) + "\n")
 
