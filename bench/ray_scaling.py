@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, figures in summary.items():
         print(f"{name}: median wall {figures['wall_s']:.1f} s, {figures['images_per_s']:.2f} images/s, "
               f"steady {figures['steady_images_per_s']:.2f} images/s, "
-              f"first line after {figures['first_line_s']:.1f} s, mean latency {figures['mean_latency_s'] * 1e3:.0f} ms")
+              f"first line after {figures['first_line_s']:.1f} s, "
+              f"mean latency {figures['mean_latency_s'] * 1e3:.0f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "runs": runs, "medians": summary}, indent=2) + "\n")
 
