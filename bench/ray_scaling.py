@@ -1,6 +1,6 @@
 """Images/s of ``rexedge batch`` in one process against ``--ray`` with 1 and 2 actors, and each actor's memory.
 
-    python -m rexedge.bench.ray_scaling --model cpu-bench --images 24 --repeats 3 --json out.json
+    python -P -m rexedge.bench.ray_scaling --model cpu-bench --images 24 --repeats 3 --json out.json
 
 One local Ray instance (``--cpus``, default 2) serves every Ray run; each run writes a fresh
 output over the same generated images, so the Ray runs pay for starting their actors and
