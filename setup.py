@@ -26,9 +26,9 @@ setup(
     # subpackage, its own subfolders (runtime/backends) coming along
     packages=[f"rexedge.{p}{'.' + q if q else ''}" for p in SUBPACKAGES for q in ["", *find_packages(where=p)]],
     package_dir={f"rexedge.{p}": p for p in SUBPACKAGES},
-    package_data={"rexedge.runtime": ["assets/*", "assets/**/*"], "rexedge.export": ["trt_onnx_ops.json"]},
+    package_data={"rexedge.runtime": ["assets/*", "assets/**/*"], "rexedge.export.tensorrt": ["onnx_ops.json"]},
     ext_modules=[
-        Extension("rexedge.runtime._grammar", sources=["runtime/_grammar.c"], extra_compile_args=warnings),
+        Extension("rexedge.runtime.decode._grammar", sources=["runtime/decode/_grammar.c"], extra_compile_args=warnings),
     ],
     install_requires=["numpy", "onnxruntime", "tokenizers", "pillow", "tqdm", "threadpoolctl"],
     extras_require={

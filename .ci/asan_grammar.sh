@@ -2,7 +2,7 @@
 # Build the grammar's C core with AddressSanitizer and run the grammar tests against it.
 #
 # The instrumented module is built in a temporary folder and put in place of
-# rexedge.runtime._grammar inside the test process only, so the installed build (which
+# rexedge.runtime.decode._grammar inside the test process only, so the installed build (which
 # other processes may be using) is left alone. PYTHONMALLOC=malloc lets ASan see the
 # core's buffers (PyMem_New would otherwise carve them out of pymalloc's arenas); leak
 # checking is off because CPython itself never frees everything at exit.
@@ -32,9 +32,9 @@ import sys
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("rexedge.runtime._grammar", os.environ["GRAMMAR_ASAN_MODULE"])
+spec = importlib.util.spec_from_file_location("rexedge.runtime.decode._grammar", os.environ["GRAMMAR_ASAN_MODULE"])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-sys.modules["rexedge.runtime._grammar"] = module
+sys.modules["rexedge.runtime.decode._grammar"] = module
 sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "--capture=sys", "tests/test_grammar.py", "tests/test_grammar_fuzz.py", *sys.argv[1:]]))
 EOF

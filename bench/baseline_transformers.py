@@ -24,10 +24,10 @@ from rexedge.bench.metrics import ByteModel
 from rexedge.bench.runners import Run, GpuPeak
 from rexedge.bench.scenarios import BenchError, Scenario, forced_response
 from rexedge.bench.scripted import StepRecord
-from rexedge.runtime.parse import parse_prediction
-from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, load_image
-from rexedge.runtime.prompts import build_task_prompt, encode_prompt
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.results.parse import parse_prediction
+from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, load_image
+from rexedge.runtime.request.prompts import build_task_prompt, encode_prompt
+from rexedge.runtime.request.tokenizer import Tokenizer
 
 BASELINE = "transformers"
 _TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -49,7 +49,7 @@ class TransformersRunner:
         self.processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
         self.tokenizer = Tokenizer.from_dir(checkpoint)
         self.ids = self.tokenizer.ids
-        from rexedge.export.config import RexOmniConfig
+        from rexedge.runtime.config import RexOmniConfig
 
         self.config = RexOmniConfig.from_json(checkpoint)
         decoder_bytes = sum(p.numel() * p.element_size() for name, p in self.model.named_parameters()

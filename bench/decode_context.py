@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 
 BENCH_CONFIG = RexOmniConfig.preset("tiny").replace(
     hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
@@ -37,8 +37,8 @@ def write_random_checkpoint(out: Path, cfg: RexOmniConfig = BENCH_CONFIG, seed: 
     Speed does not depend on the values, so plain scaled normals do."""
     from safetensors.numpy import save_file
 
-    from rexedge.export.checkpoint import expected_tensor_shapes
-    from rexedge.export.tiny_tokenizer import write_tiny_tokenizer
+    from rexedge.export.fixtures.tiny_tokenizer import write_tiny_tokenizer
+    from rexedge.runtime.model.checkpoint import expected_tensor_shapes
 
     rng = np.random.default_rng(seed)
     tensors = {}

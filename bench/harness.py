@@ -28,7 +28,7 @@ from rexedge.bench.metrics import PeakRss, cpu_name, host_read_bandwidth, nomina
 from rexedge.bench.runners import STAGES, RexedgeRunner, Run
 from rexedge.bench.scenarios import DEFAULT_SCENARIOS, BenchError, Scenario, forced_response, parse_scenario, synthetic_image
 from rexedge.bench.scripted import STEP_KINDS
-from rexedge.export.config import PRESETS, RexOmniConfig
+from rexedge.runtime.config import PRESETS, RexOmniConfig
 
 SCHEMA = "rexedge-bench/1"
 BASELINES = ("transformers",)
@@ -50,7 +50,7 @@ def resolve_model(model: str, backends: Sequence[str], baseline: str | None, pre
     path = Path(model)
     needs_checkpoint = [b for b in backends if b != "ort"] + ([baseline] if baseline else [])
     if model in PRESETS and not path.exists():
-        from rexedge.export.tiny import write_tiny_checkpoint
+        from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
         dtype = "bfloat16" if model == "rex-omni-3b" and device.startswith("cuda") else "float32"
         log(f"bench: writing a random {model} checkpoint ({dtype}) to {workdir}")
@@ -89,9 +89,9 @@ def _make_runner(name: str, source: ModelSource, device: str, max_context: int, 
 
 def _max_context(source: ModelSource, scenarios: Sequence[Scenario]) -> int:
     """KV capacity for the longest scenario: its prompt (image tokens included) and its answer."""
-    from rexedge.runtime.preprocess import smart_resize
-    from rexedge.runtime.prompts import build_task_prompt, encode_prompt
-    from rexedge.runtime.tokenizer import Tokenizer
+    from rexedge.runtime.request.preprocess import smart_resize
+    from rexedge.runtime.request.prompts import build_task_prompt, encode_prompt
+    from rexedge.runtime.request.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(source.checkpoint or source.bundle)
     cfg, longest = source.config, 0
@@ -224,7 +224,7 @@ def _parameters(cfg: RexOmniConfig) -> int | None:
     try:
         import math
 
-        from rexedge.export.checkpoint import expected_tensor_shapes
+        from rexedge.runtime.model.checkpoint import expected_tensor_shapes
     except ImportError:  # a bundle benchmarked without torch installed
         return None
     return sum(math.prod(s) for s in expected_tensor_shapes(cfg).values())

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 
 MODELS: dict[str, RexOmniConfig] = {
     "tiny": RexOmniConfig.preset("tiny"),
@@ -46,8 +46,8 @@ def write_checkpoint(out: Path, cfg: RexOmniConfig, seed: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from rexedge.export.tiny import tiny_tensors, tokenizer_size
-    from rexedge.export.tiny_tokenizer import write_tiny_tokenizer
+    from rexedge.export.fixtures.tiny import tiny_tensors, tokenizer_size
+    from rexedge.export.fixtures.tiny_tokenizer import write_tiny_tokenizer
 
     write_tiny_tokenizer(out)
     (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=1))

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 
 CONTEXT = 1600
 IMAGE_HW = (810, 1440)     # -> 1428 x 812 px -> 1,479 image tokens
@@ -122,7 +122,7 @@ def attention_kernel(cfg: RexOmniConfig) -> dict:
 
 def random_model(cfg: RexOmniConfig, dtype: torch.dtype, seed: int = 0):
     """The compact model with N(0, 0.02) weights (norm scales 1) made directly on the GPU."""
-    from rexedge.export.model import RexOmniModel
+    from rexedge.runtime.model.compact import RexOmniModel
 
     with torch.device("meta"):
         model = RexOmniModel(cfg).to(dtype)
@@ -146,9 +146,9 @@ def synthetic_prompt(cfg: RexOmniConfig, num_image_tokens: int, rng: np.random.G
 
 def decode_and_ttft(cfg: RexOmniConfig, model, steps: int) -> dict:
     from rexedge.runtime.backends.torch_cuda import TorchCudaBackend
-    from rexedge.runtime.head import Sampling
-    from rexedge.runtime.positions import rope_positions
-    from rexedge.runtime.preprocess import preprocess
+    from rexedge.runtime.decode.head import Sampling
+    from rexedge.runtime.request.positions import rope_positions
+    from rexedge.runtime.request.preprocess import preprocess
 
     backend = TorchCudaBackend.from_model(model, max_context=2048)
     head = backend.make_head(Sampling())
@@ -215,8 +215,8 @@ def transformers_generate(cfg: RexOmniConfig, model, steps: int) -> dict:
     """transformers eager generate on the same weights: TTFT (1 new token) and ms/token over ``steps`` more."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from rexedge.export.checkpoint import published_name
-    from rexedge.runtime.preprocess import preprocess
+    from rexedge.runtime.model.checkpoint import published_name
+    from rexedge.runtime.request.preprocess import preprocess
 
     with torch.device("cuda"):
         hf = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig.from_dict(cfg.to_hf_dict()),

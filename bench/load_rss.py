@@ -32,7 +32,7 @@ def measure(checkpoint: Path, dtype_name: str) -> dict[str, float]:
     """Load ``checkpoint`` in this process and report its memory (call in a fresh interpreter)."""
     import torch
 
-    from rexedge.export.checkpoint import load_model
+    from rexedge.runtime.model.checkpoint import load_model
 
     before = _rss_bytes()
     start = time.perf_counter()
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     scratch = None
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from rexedge.export.tiny import write_tiny_checkpoint
+        from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
         scratch = Path(tempfile.mkdtemp(prefix="rexedge-load-rss-"))
         start = time.perf_counter()

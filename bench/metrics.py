@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 
-# Nominal memory bandwidth in GB/s of devices a benchmark may run on (FACTS.md), by a
+# Nominal memory bandwidth in GB/s of devices a benchmark may run on (docs/model.md), by a
 # lower-case substring of the device name.
 NOMINAL_BANDWIDTH_GBS = {
     "h200": 4800.0,
@@ -109,7 +109,7 @@ def cpu_name() -> str:
 
 def decoder_weight_count(cfg: RexOmniConfig) -> int:
     """Parameters a decode step reads besides the head: every text layer and the final norm."""
-    from rexedge.export.checkpoint import EMBED, HEAD, expected_tensor_shapes
+    from rexedge.runtime.model.checkpoint import EMBED, HEAD, expected_tensor_shapes
 
     return sum(math.prod(shape) for name, shape in expected_tensor_shapes(cfg).items()
                if not name.startswith("visual.") and name not in (EMBED, HEAD))

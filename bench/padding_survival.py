@@ -61,7 +61,7 @@ def main() -> None:
         bundle = args.bundle
         if bundle is None:
             from rexedge.export.bundle import export_bundle
-            from rexedge.export.tiny import write_tiny_checkpoint
+            from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
             checkpoint = write_tiny_checkpoint(Path(tmp) / "checkpoint", preset="cpu-bench", padding_rows="random")
             bundle = export_bundle(checkpoint, Path(tmp) / "bundle", progress=False)

@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rexedge.runtime.api import RexOmni  # noqa: E402
-from rexedge.runtime.batch import run_batch  # noqa: E402
+from rexedge.runtime.pipelines.batch import run_batch  # noqa: E402
 from rexedge.runtime.demo import DEMO_BUNDLE  # noqa: E402
-from rexedge.runtime.ray_batch import local_actor_pids, run_batch_ray  # noqa: E402
+from rexedge.runtime.pipelines.ray_batch import local_actor_pids, run_batch_ray  # noqa: E402
 
 CATEGORIES = ["cup", "dog"]
 POLL_S = 0.02

@@ -18,8 +18,8 @@ import numpy as np
 from rexedge.bench.metrics import ByteModel
 from rexedge.bench.scenarios import BenchError, Scenario, forced_response
 from rexedge.bench.scripted import ScriptedHead, StepRecord, TimedBackend
-from rexedge.runtime.head import Sampling
-from rexedge.runtime.loop import DecodeLoop, Limits
+from rexedge.runtime.decode.head import Sampling
+from rexedge.runtime.decode.loop import DecodeLoop, Limits
 
 STAGES = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_s", "host_s", "end_to_end_s")
 

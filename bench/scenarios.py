@@ -2,7 +2,7 @@
 
 So that every backend decodes the same tokens from random weights, a scenario fixes the
 answer: ``num_boxes`` boxes (or points) spread over ``num_categories`` categories, in the
-task's output format (FACTS.md, "Output grammar"), built from the model's own tokenizer.
+task's output format (docs/model.md, "Output grammar"), built from the model's own tokenizer.
 The harness feeds it token by token through the real decode loop (``rexedge.bench.scripted``),
 so the real grammar yields the real step kinds (free phrase text, coordinates, choices,
 forced appends) and the real head is asked at every step.
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.tokenizer import Tokenizer, TokenIds
+from rexedge.runtime.request.tokenizer import Tokenizer, TokenIds
 
 # geometry of each task the benchmark can force, in coordinates per item
 COORDS_PER_ITEM = {"detection": 4, "pointing": 2}
@@ -66,7 +66,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("det-448", (448, 448), 20, 4),
     Scenario("det-448-exact", (448, 448), 20, 4, decoding="exact"),
     Scenario("det-896", (896, 896), 40, 5),
-    # 1440x810 resizes to 1428x812: 1,479 image tokens (FACTS.md)
+    # 1440x810 resizes to 1428x812: 1,479 image tokens (docs/model.md)
     Scenario("det-1428x812", (1428, 812), 60, 6),
     Scenario("point-448", (448, 448), 20, 4, task="pointing"),
 )}

@@ -1,7 +1,7 @@
 """Forcing a response through the real decode loop, and timing each step by kind.
 
 ``ScriptedHead`` wraps a backend's real head (the ``Head`` protocol of
-``rexedge.runtime.head``): every ``choose_*`` the loop asks for runs the real head on the
+``rexedge.runtime.decode.head``): every ``choose_*`` the loop asks for runs the real head on the
 real hidden state, so its cost is measured, and then answers the scenario's next token
 instead of the head's choice. The token must be one the step allowed (a coordinate at a
 coordinate step, one of the ids at a choice step), otherwise the scenario does not fit
@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rexedge.bench.scenarios import BenchError
-from rexedge.runtime.head import Head
+from rexedge.runtime.decode.head import Head
 
 FORCED_KIND = "forced"
 STEP_KINDS = ("free", "coord", "choice", FORCED_KIND)

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _tiny_bundle(tmp: Path) -> Path:
     from rexedge.export.bundle import export_bundle
-    from rexedge.export.tiny import write_tiny_checkpoint
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
     return export_bundle(write_tiny_checkpoint(tmp / "checkpoint"), tmp / "bundle", progress=False)
 

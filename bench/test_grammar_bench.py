@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rexedge.runtime.grammar import make_grammar
-from rexedge.runtime.tokenizer import TokenIds
+from rexedge.runtime.decode.grammar import make_grammar
+from rexedge.runtime.request.tokenizer import TokenIds
 
-# The real model's ids (FACTS.md), so the stream has the real id magnitudes.
+# The real model's ids (docs/model.md), so the stream has the real id magnitudes.
 REAL_IDS = TokenIds(coord_start=150643, num_coords=1000, endoftext=151643, im_start=151644, im_end=151645,
                     object_ref_start=151646, object_ref_end=151647, box_start=151648, box_end=151649,
                     vision_start=151652, vision_end=151653, image_pad=151655, comma=11, space=220, none=(4064,))

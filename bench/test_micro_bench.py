@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from rexedge.bench.scenarios import synthetic_image
-from rexedge.export.config import RexOmniConfig
-from rexedge.runtime.head import NumpyHead, Sampling
-from rexedge.runtime.preprocess import preprocess
+from rexedge.runtime.config import RexOmniConfig
+from rexedge.runtime.decode.head import NumpyHead, Sampling
+from rexedge.runtime.request.preprocess import preprocess
 
 REAL = RexOmniConfig.preset("rex-omni-3b")
 CPU_BENCH = RexOmniConfig.preset("cpu-bench")
@@ -76,7 +76,7 @@ def ort_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     """An ort backend on a tiny bundle (the per-call floor) and on decode_context's bigger random model."""
     from rexedge.bench.decode_context import BENCH_CONFIG, write_random_checkpoint
     from rexedge.export.bundle import export_bundle
-    from rexedge.export.tiny import write_tiny_checkpoint
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
     from rexedge.runtime.backends import load_backend
 
     tmp = tmp_path_factory.mktemp(request.param)

@@ -32,9 +32,9 @@ from rexedge.bench.decode_context import (
     time_steps,
     write_random_checkpoint,
 )
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 
-ORIN_BANDWIDTH = 204.8e9  # bytes/s, Jetson AGX Orin (FACTS.md)
+ORIN_BANDWIDTH = 204.8e9  # bytes/s, Jetson AGX Orin (docs/model.md)
 
 
 class KvInOutDecoder:

@@ -25,12 +25,12 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from rexedge.calib.graph_backend import Feeds, GraphBackend, vision_feeds
 from rexedge.runtime.api import encode_request
+from rexedge.runtime.decode.grammar import make_grammar
+from rexedge.runtime.decode.head import Sampling
+from rexedge.runtime.decode.loop import DecodeLoop, Limits
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.grammar import make_grammar
-from rexedge.runtime.head import Sampling
-from rexedge.runtime.loop import DecodeLoop, Limits
-from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, PreprocessedImage, preprocess
-from rexedge.runtime.prompts import TASKS, build_task_prompt
+from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, PreprocessedImage, preprocess
+from rexedge.runtime.request.prompts import TASKS, build_task_prompt
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

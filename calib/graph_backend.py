@@ -8,7 +8,7 @@ one that the ``ort`` backend refuses. So here each call is a plain
 outputs become the next call's cache. That copies the cache every call, which is fine
 offline and is why the runtime never does it.
 
-Cache conventions per flavour (see :mod:`rexedge.export.onnx_decoder`):
+Cache conventions per flavour (see :mod:`rexedge.export.onnx.decoder`):
 - ``ort``: a fixed-capacity buffer [1, KVH, C, D] plus ``seqlens_k`` (total length - 1)
   and ``total_sequence_length``; C is allocated at prefill for the prompt plus
   ``decode_reserve`` tokens.
@@ -34,7 +34,7 @@ from rexedge.runtime.backends.base import (
 )
 from rexedge.runtime.backends.ort import DISABLED_OPTIMIZERS
 from rexedge.runtime.bundle import Bundle, load_bundle
-from rexedge.runtime.preprocess import PreprocessedImage
+from rexedge.runtime.request.preprocess import PreprocessedImage
 
 Feeds = dict[str, np.ndarray]
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from rexedge.calib.dataset import CalibrationSample, build_request
-from rexedge.runtime.positions import decode_positions
-from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, preprocess
+from rexedge.runtime.request.positions import decode_positions
+from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, preprocess
 
 
 @dataclass(frozen=True)

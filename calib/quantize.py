@@ -48,7 +48,7 @@ from rexedge.calib.dataset import (
 )
 from rexedge.calib.graph_backend import GraphBackend
 from rexedge.runtime.bundle import DIGEST_KEY, INT8, Bundle, GraphSpec, load_bundle, seal_manifest, staged_bundle
-from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS
+from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS
 
 # Activation ranges by ONNX Runtime's MinMax calibrator, which reduces each tensor to its min and
 # max inside the graph (two numbers per tensor and feed). Its histogram calibrators (percentile,

@@ -1,6 +1,6 @@
 """Writing a bundle (``rexedge export CHECKPOINT --out BUNDLE``): graphs, head, tokenizer, manifest.
 
-The checkpoint is read one tensor at a time (:func:`rexedge.export.checkpoint.iter_checkpoint_tensors`)
+The checkpoint is read one tensor at a time (:func:`rexedge.runtime.model.checkpoint.iter_checkpoint_tensors`)
 and each tensor goes straight to where it belongs: the embedding to ``embed_tokens.npy``
 (float32, memory-mapped by the runtime), ``visual.*`` to ``vision.onnx.data`` and the
 decoder's tensors to ``decoder.onnx.data``, converted to the bundle precision, with
@@ -22,17 +22,17 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from rexedge.export.checkpoint import EMBED, expected_tensor_shapes, iter_checkpoint_tensors, open_checkpoint
-from rexedge.export.config import RexOmniConfig
-from rexedge.export.onnx_decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRESENT, TOKENS, build_decoder_graph
-from rexedge.export.onnx_graph import ExternalData
-from rexedge.export.onnx_vision import MERGED, PATCHES, WINDOWS, build_vision_graph
-from rexedge.export.profiles import decoder_profiles, vision_profiles
+from rexedge.export.onnx.decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRESENT, TOKENS, build_decoder_graph
+from rexedge.export.onnx.graph import ExternalData
+from rexedge.export.onnx.vision import MERGED, PATCHES, WINDOWS, build_vision_graph
+from rexedge.export.tensorrt.profiles import decoder_profiles, vision_profiles
 from rexedge.runtime.backends.base import DEFAULT_MAX_CONTEXT
 from rexedge.runtime.bundle import FORMAT, FORMAT_VERSION, PRECISIONS, seal_manifest, staged_bundle
+from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.model.checkpoint import EMBED, expected_tensor_shapes, iter_checkpoint_tensors, open_checkpoint
+from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS
+from rexedge.runtime.request.tokenizer import Tokenizer
 
 EMBED_FILE = "embed_tokens.npy"
 TOKENIZER_FILE = "tokenizer.json"
@@ -76,7 +76,7 @@ def _dim_ranges(cfg: RexOmniConfig, flavour: str) -> dict[str, dict[str, tuple[i
 
 
 def _trt_profiles(cfg: RexOmniConfig, key: str, graph: dict[str, Any]) -> list[dict[str, Any]]:
-    """TensorRT optimization profiles of a trt-flavour bundle's graph (see :mod:`rexedge.export.profiles`)."""
+    """TensorRT optimization profiles of a trt-flavour bundle's graph (see :mod:`rexedge.export.tensorrt.profiles`)."""
     if key == "vision":
         return vision_profiles(cfg, graph["inputs"], graph["dims"])
     return decoder_profiles(graph["inputs"], min(DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings))
@@ -112,8 +112,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
 
     ``precision`` "fp32" or "fp16" (weights, activations and KV cache; inputs, outputs,
     norms, softmax and the head table stay float32). ``flavour`` selects how the graphs
-    express attention and the KV cache (see :mod:`rexedge.export.onnx_decoder` and
-    :mod:`rexedge.export.onnx_vision`).
+    express attention and the KV cache (see :mod:`rexedge.export.onnx.decoder` and
+    :mod:`rexedge.export.onnx.vision`).
     """
     import torch
     from tqdm import tqdm

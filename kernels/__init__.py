@@ -13,14 +13,14 @@ without a GPU, which the interpreter cannot check (types, block shapes, shared m
 
 Submodules import triton; this package file does not, so the error type is importable
 without it. On a CPU the kernels run only under ``TRITON_INTERPRET=1`` (set before import).
+The kernels stand alone: they import nothing of the runtime (their error is a ValueError of
+their own, which the runtime's callers pass on).
 """
 
 from typing import Callable
 
-from rexedge.runtime.errors import RexEdgeError
 
-
-class KernelInputError(RexEdgeError, ValueError):
+class KernelInputError(ValueError):
     """Tensors handed to a kernel launcher that do not have the shapes, strides, dtypes or devices it needs."""
 
 

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from rexedge.export.model import apply_rotary, cached_attention
 from rexedge.kernels import input_check
 
 BLOCK_S = 64      # cache slots per inner step: one [64, D] k tile and v tile (16 KB each at D = 128, fp16)
@@ -258,6 +257,12 @@ def decode_attention(
 # --------------------------------------------------------------------------- torch reference
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding with the two halves of the head dimension as (real, imaginary) parts."""
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -268,20 +273,22 @@ def decode_attention_reference(
     v_cache: torch.Tensor,
     cache_len: torch.Tensor,
 ) -> torch.Tensor:
-    """The compact model's math (export.model.apply_rotary + cached_attention), one batch row at a time;
-    writes the caches in place like the kernel and returns [B, T, Hq, D] in q's dtype."""
+    """Rotary, cache append and grouped-query attention in plain torch, one batch row at a time (the
+    compact model's math; tests/test_kernel_decode_attention.py checks the two agree); writes the caches
+    in place like the kernel and returns [B, T, Hq, D] in q's dtype."""
     batch, tokens = q.shape[:2]
     out = torch.empty_like(q)
     for b in range(batch):
         past = int(cache_len[b])
         c, s = cos[b][:, None].float(), sin[b][:, None].float()          # [T, 1, D]
-        q_rot = apply_rotary(q[b].float(), c, s).transpose(0, 1)         # [Hq, T, D]
-        k_rot = apply_rotary(k[b].float(), c, s).transpose(0, 1)         # [KVH, T, D]
+        q_rot = _rotate(q[b].float(), c, s).transpose(0, 1)         # [Hq, T, D]
+        k_rot = _rotate(k[b].float(), c, s).transpose(0, 1)         # [KVH, T, D]
         k_cache[b, :, past:past + tokens] = k_rot.to(k_cache.dtype)
         v_cache[b, :, past:past + tokens] = v[b].transpose(0, 1).to(v_cache.dtype)
         total = past + tokens
         allowed = torch.arange(total)[None, :] <= (past + torch.arange(tokens))[:, None]
-        o = cached_attention(q_rot[None], k_cache[b:b + 1, :, :total].float(), v_cache[b:b + 1, :, :total].float(),
-                             allowed.to(q.device))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q_rot[None], k_cache[b:b + 1, :, :total].float(), v_cache[b:b + 1, :, :total].float(),
+            attn_mask=allowed.to(q.device), enable_gqa=True)
         out[b] = o[0].transpose(0, 1).to(q.dtype)
     return out

@@ -6,7 +6,7 @@ COORD (the 1,000 coordinate rows, plus a few extra ids), CHOICE (range empty, a 
 and FREE / exact mode (the whole vocabulary, no extras). Row ``r`` of the allowed set is
 token ``start + r`` for ``r < stop - start``, else ``extra_ids[r - (stop - start)]``.
 
-Semantics are :class:`rexedge.runtime.head.NumpyHead`'s: logits ``E[token] . hidden`` in
+Semantics are :class:`rexedge.runtime.decode.head.NumpyHead`'s: logits ``E[token] . hidden`` in
 fp32; repetition penalty on tokens marked in ``seen`` (positive logits divided, the rest
 multiplied); rows marked in ``blocked`` (phrase steps: no coordinate or special token) get
 -inf; greedy = first maximal row; the returned probability is the chosen row's

@@ -15,7 +15,7 @@ def __getattr__(name: str) -> Any:
 
         return RexOmni
     if name == "parse_prediction":
-        from rexedge.runtime.parse import parse_prediction
+        from rexedge.runtime.results.parse import parse_prediction
 
         return parse_prediction
     raise AttributeError(f"module 'rexedge.runtime' has no attribute {name!r}")

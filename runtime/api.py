@@ -15,13 +15,13 @@ padding rows: they decode to nothing, as in the ``tokenizers`` library) and ``ti
 (seconds per stage).
 
 ``constrain_phrases=True`` (structured decoding, detection and pointing): each phrase is
-one of the requested categories, chosen among their tokens (``rexedge.runtime.phrases``);
+one of the requested categories, chosen among their tokens (``rexedge.runtime.decode.phrases``);
 by default phrases are free text, as the model writes them.
 
 Pipelines on top (docs/pipelines.md): ``model.stream(source, ...)`` yields results frame by
-frame from a video file, camera, URL or iterable of frames (``rexedge.runtime.stream``);
+frame from a video file, camera, URL or iterable of frames (``rexedge.runtime.pipelines.stream``);
 ``model.batch(inputs, out, ...)`` runs a folder, glob or list of images to resumable JSONL
-and COCO (``rexedge.runtime.batch``). Both split each request with ``prepare`` (host side,
+and COCO (``rexedge.runtime.pipelines.batch``). Both split each request with ``prepare`` (host side,
 on a worker thread) and ``run`` (the backend), so the next image is prepared while the
 current one decodes.
 """
@@ -36,23 +36,23 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from rexedge.runtime.backends import Backend, load_backend
-from rexedge.runtime.grammar import Grammar, make_grammar
-from rexedge.runtime.head import Sampling
-from rexedge.runtime.loop import DecodeLoop, Limits
-from rexedge.runtime.parse import parse_prediction
-from rexedge.runtime.phrases import PhraseTable, phrase_table
-from rexedge.runtime.positions import rope_positions
-from rexedge.runtime.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
+from rexedge.runtime.decode.grammar import Grammar, make_grammar
+from rexedge.runtime.decode.head import Sampling
+from rexedge.runtime.decode.loop import DecodeLoop, Limits
+from rexedge.runtime.decode.phrases import PhraseTable, phrase_table
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt, build_task_prompt, encode_prompt
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.request.positions import rope_positions
+from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
+from rexedge.runtime.request.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt, build_task_prompt, encode_prompt
+from rexedge.runtime.request.tokenizer import Tokenizer
+from rexedge.runtime.results.parse import parse_prediction
 
 # tasks whose phrases name a requested category (OCR phrases are recognized text)
 PHRASE_CONSTRAINED_TASKS = ("detection", "pointing")
 
 if TYPE_CHECKING:
-    from rexedge.runtime.batch import BatchSummary
-    from rexedge.runtime.stream import FrameStream
+    from rexedge.runtime.pipelines.batch import BatchSummary
+    from rexedge.runtime.pipelines.stream import FrameStream
 
 
 class RexOmni:
@@ -203,9 +203,9 @@ class RexOmni:
                every: int = 1, channel_order: str | None = None, prepare_ahead: bool = True) -> FrameStream:
         """Detections frame by frame from a video file, camera, URL / GStreamer pipeline or iterable of frames.
 
-        See ``rexedge.runtime.stream`` (sources, channel order, latest-frame-wins for live sources).
+        See ``rexedge.runtime.pipelines.stream`` (sources, channel order, latest-frame-wins for live sources).
         """
-        from rexedge.runtime.stream import FrameStream, open_source
+        from rexedge.runtime.pipelines.stream import FrameStream, open_source
 
         request = dict(task=task, categories=categories, keypoint_type=keypoint_type,
                        visual_prompt_boxes=visual_prompt_boxes)
@@ -214,8 +214,8 @@ class RexOmni:
 
     def batch(self, inputs: Any, out: str | Path, task: str = "detection", categories: Any = None,
               **options: Any) -> BatchSummary:
-        """Images from a folder, glob or list file to a resumable JSONL file; see ``rexedge.runtime.batch``."""
-        from rexedge.runtime.batch import run_batch
+        """Images from a folder, glob or list file to a resumable JSONL file; see ``rexedge.runtime.pipelines.batch``."""
+        from rexedge.runtime.pipelines.batch import run_batch
 
         return run_batch(self, inputs, out, task=task, categories=categories, **options)
 

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from rexedge.export.config import ConfigError, RexOmniConfig
+from rexedge.runtime.config import ConfigError, RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 
 FORMAT = "rexedge-bundle"
@@ -113,8 +113,8 @@ class Bundle:
         return table
 
     def load_tokenizer(self) -> Any:
-        """The bundle's tokenizer (``rexedge.runtime.tokenizer.Tokenizer``), checked against the manifest's ids."""
-        from rexedge.runtime.tokenizer import Tokenizer
+        """The bundle's tokenizer (``rexedge.runtime.request.tokenizer.Tokenizer``), checked against the manifest's ids."""
+        from rexedge.runtime.request.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_file(self.path("tokenizer.json"))
         found = json.loads(json.dumps(asdict(tokenizer.ids)))

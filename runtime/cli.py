@@ -16,14 +16,14 @@ from rexedge.runtime.errors import RexEdgeError
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> None:
-    from rexedge.export.tiny import write_tiny_checkpoint
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(args.out, preset=args.preset, seed=args.seed, padding_rows=args.padding_rows)
     print(f"wrote a {args.preset} checkpoint (random weights, seed {args.seed}) to {path}")
 
 
 def _prompt(args: argparse.Namespace) -> None:
-    from rexedge.runtime.prompts import prompt_command
+    from rexedge.runtime.request.prompts import prompt_command
 
     prompt_command(args)
 
@@ -35,7 +35,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from rexedge.export.engine import build_command
+    from rexedge.export.tensorrt.engine import build_command
 
     build_command(args)
 
@@ -50,14 +50,14 @@ def _calibrate(args: argparse.Namespace) -> None:
 
 
 def _result_json(source: str, result: dict) -> dict:
-    from rexedge.runtime.batch import result_record
+    from rexedge.runtime.pipelines.batch import result_record
 
     return {"image": source, **result_record(result)}
 
 
 def _annotate(image, result: dict, out: Path) -> None:
-    from rexedge.runtime.draw import draw_detections
-    from rexedge.runtime.preprocess import load_image
+    from rexedge.runtime.request.preprocess import load_image
+    from rexedge.runtime.results.draw import draw_detections
 
     # keypoint answers are parsed from the text; every other task has typed detections with scores
     drawn = result["extracted_predictions"] if result["task"] == "keypoint" else result["detections"]
@@ -84,7 +84,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _check_request(args: argparse.Namespace) -> tuple[list[str] | None, list[list[float]] | None]:
     """Categories and boxes from the command line, with the task's needs checked once, before the model
     loads (whether the boxes lie inside an image is checked per image)."""
-    from rexedge.runtime.prompts import PromptError, build_task_prompt, parse_boxes, parse_categories
+    from rexedge.runtime.request.prompts import PromptError, build_task_prompt, parse_boxes, parse_categories
 
     boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
     categories = parse_categories(args.categories) if args.categories is not None else None
@@ -162,13 +162,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _video(args: argparse.Namespace) -> None:
-    from rexedge.runtime.video import video_command
+    from rexedge.runtime.pipelines.video import video_command
 
     video_command(args)
 
 
 def _batch(args: argparse.Namespace) -> None:
-    from rexedge.runtime.batch import batch_command
+    from rexedge.runtime.pipelines.batch import batch_command
 
     batch_command(args)
 

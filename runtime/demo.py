@@ -1,6 +1,6 @@
 """Where the demo's files live: a sample image and the embedded default bundle.
 
-Both are package data under runtime/assets/, made by ``python -m rexedge.export.demo_assets``
+Both are package data under runtime/assets/, made by ``python -m rexedge.export.fixtures.demo_assets``
 (a synthetic scene drawn with Pillow, and a bundle exported from a tiny random checkpoint).
 """
 

@@ -29,7 +29,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny checkpoint in the published layout (sharded safetensors, flat config, vocab.json + merges.txt)."""
-    from rexedge.export.tiny import write_tiny_checkpoint
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "checkpoint", preset="tiny", seed=0)
 

@@ -17,9 +17,9 @@ from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 from rexedge.export.bundle import export_bundle
 from rexedge.runtime.api import RexOmni
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.parse import parse_prediction
-from rexedge.runtime.preprocess import preprocess
-from rexedge.runtime.prompts import build_task_prompt, encode_prompt
+from rexedge.runtime.results.parse import parse_prediction
+from rexedge.runtime.request.preprocess import preprocess
+from rexedge.runtime.request.prompts import build_task_prompt, encode_prompt
 from test_loop import groups_of, response_pattern
 
 NEW_TOKENS = 24

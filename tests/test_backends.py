@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 
 from rexedge.runtime.backends import Backend, BackendError, load_backend
-from rexedge.runtime.positions import decode_positions, rope_positions
-from rexedge.runtime.preprocess import preprocess
-from rexedge.runtime.prompts import build_prompt, encode_prompt
+from rexedge.runtime.request.positions import decode_positions, rope_positions
+from rexedge.runtime.request.preprocess import preprocess
+from rexedge.runtime.request.prompts import build_prompt, encode_prompt
 from rexedge.export.bundle import export_bundle
 
 RTOL = 1e-4

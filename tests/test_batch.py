@@ -15,9 +15,9 @@ from PIL import Image
 
 from rexedge.export.bundle import export_bundle
 from rexedge.runtime.api import RexOmni
-from rexedge.runtime.batch import BatchError, collect_inputs, run_batch
+from rexedge.runtime.pipelines.batch import BatchError, collect_inputs, run_batch
 from rexedge.runtime.cli import main
-from rexedge.runtime.prompts import PromptError
+from rexedge.runtime.request.prompts import PromptError
 
 CATEGORIES = ["cup", "dog"]
 MAX_TOKENS = 400   # enough for the random model to finish a phrase and write boxes

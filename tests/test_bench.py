@@ -14,8 +14,8 @@ from rexedge.bench.harness import SCHEMA, run_bench
 from rexedge.bench.report import plot, table
 from rexedge.bench.scenarios import BenchError, Scenario, forced_response, parse_scenario
 from rexedge.bench.scripted import ScriptedHead, TimedBackend
-from rexedge.runtime.parse import parse_prediction
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.results.parse import parse_prediction
+from rexedge.runtime.request.tokenizer import Tokenizer
 
 STATS = {"median", "p90", "n"}
 STAGE_METRICS = {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "host_ms", "end_to_end_ms",
@@ -23,7 +23,7 @@ STAGE_METRICS = {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_
 STEP_FIELDS = {"steps", "tokens", "forced_tokens", "ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token",
                "bytes_per_step", "floor_ms_per_step", "bandwidth_pct"}
 MEMORY_FIELDS = {"base_rss_bytes", "load_rss_bytes", "retained_rss_bytes", "peak_rss_bytes", "peak_gpu_bytes"}
-# the documented output format (FACTS.md): groups joined by ", ", items by ",", then <|im_end|>
+# the documented output format (docs/model.md): groups joined by ", ", items by ",", then <|im_end|>
 GROUP = r"<\|object_ref_start\|>[^<]+<\|object_ref_end\|><\|box_start\|>(?:{item})(?:,(?:{item}))*<\|box_end\|>"
 
 
@@ -67,8 +67,8 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 def test_scripted_head_refuses_a_response_outside_the_grammar(tiny_bundle: Path, tokenizer: Tokenizer) -> None:
     from rexedge.runtime.api import RexOmni
-    from rexedge.runtime.head import Sampling
-    from rexedge.runtime.loop import DecodeLoop, Limits
+    from rexedge.runtime.decode.head import Sampling
+    from rexedge.runtime.decode.loop import DecodeLoop, Limits
 
     scenario = Scenario("s", (84, 84), 2, 1)
     script = forced_response(scenario, tokenizer)
@@ -168,9 +168,9 @@ def test_cli_bench_errors(tiny_bundle: Path, capsys: pytest.CaptureFixture, argv
 
 
 def test_real_layout_tokenizer_has_the_published_ids(tmp_path: Path) -> None:
-    """The tokenizer cpu-bench / rex-omni-3b checkpoints get: the ids FACTS.md lists for the real model."""
-    from rexedge.export.config import RexOmniConfig
-    from rexedge.export.tiny_tokenizer import QWEN_SPECIAL_TOKENS, REAL_NUM_ORDINARY, write_tiny_tokenizer
+    """The tokenizer cpu-bench / rex-omni-3b checkpoints get: the ids docs/model.md lists for the real model."""
+    from rexedge.runtime.config import RexOmniConfig
+    from rexedge.export.fixtures.tiny_tokenizer import QWEN_SPECIAL_TOKENS, REAL_NUM_ORDINARY, write_tiny_tokenizer
 
     for preset in ("cpu-bench", "rex-omni-3b"):  # write_tiny_checkpoint derives the layout from these ids
         assert RexOmniConfig.preset(preset).image_token_id - QWEN_SPECIAL_TOKENS.index("<|image_pad|>") == REAL_NUM_ORDINARY

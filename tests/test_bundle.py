@@ -13,10 +13,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from rexedge.runtime.bundle import FORMAT_VERSION, BundleError, load_bundle, manifest_digest, sha256_file
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.request.tokenizer import Tokenizer
 from rexedge.export.bundle import export_bundle
-from rexedge.export.checkpoint import checkpoint_digest
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.model.checkpoint import checkpoint_digest
+from rexedge.runtime.config import RexOmniConfig
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,13 @@ from rexedge.calib.dataset import (
 from rexedge.calib.graph_backend import GraphBackend
 from rexedge.calib.quality import compare, summarize
 from rexedge.calib.quantize import quantize_bundle
-from rexedge.export.onnx_decoder import FLAVOURS
+from rexedge.export.onnx.decoder import FLAVOURS
 from rexedge.runtime.backends import load_backend
 from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.cli import main
-from rexedge.runtime.positions import decode_positions
-from rexedge.runtime.preprocess import preprocess
-from rexedge.runtime.prompts import TASKS
+from rexedge.runtime.request.positions import decode_positions
+from rexedge.runtime.request.preprocess import preprocess
+from rexedge.runtime.request.prompts import TASKS
 
 THRESHOLDS = {"image_embed_cosine": 0.98, "hidden_cosine_mean": 0.97, "coord_logit_cosine_mean": 0.97,
               "token_agreement": 0.6}
@@ -234,7 +234,7 @@ def test_int8_agrees_with_fp32_on_the_ort_backend(fp32_bundle: Path, int8_bundle
 def test_agreement_thresholds_reject_an_unrelated_model(fp32_bundle: Path, work: Path,
                                                         eval_images: list[Path]) -> None:
     from rexedge.export.bundle import export_bundle
-    from rexedge.export.tiny import write_tiny_checkpoint
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
     other = export_bundle(write_tiny_checkpoint(work / "other_ckpt", seed=7), work / "other", progress=False)
     summary = _agreement(load_backend("ort", fp32_bundle), load_backend("ort", other), eval_images)

@@ -1,4 +1,4 @@
-"""Checkpoint loading (rexedge.export.checkpoint) against transformers' Qwen2.5-VL and raw safetensors."""
+"""Checkpoint loading (rexedge.runtime.model.checkpoint) against transformers' Qwen2.5-VL and raw safetensors."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from rexedge.export import checkpoint
-from rexedge.export.checkpoint import (
+from rexedge.runtime.model import checkpoint
+from rexedge.runtime.model.checkpoint import (
     CheckpointError, checkpoint_digest, expected_tensor_shapes, iter_checkpoint_tensors, load_model,
     open_checkpoint)
-from rexedge.export.config import RexOmniConfig
-from rexedge.export.model import RexOmniModel
-from rexedge.export.tiny import write_tiny_checkpoint
+from rexedge.runtime.config import RexOmniConfig
+from rexedge.runtime.model.compact import RexOmniModel
+from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
 TINY = RexOmniConfig.preset("tiny")
 

@@ -16,7 +16,7 @@ from PIL import Image
 from rexedge.export.bundle import export_bundle
 from rexedge.runtime.api import RexOmni
 from rexedge.runtime.bundle import MANIFEST, manifest_digest
-from rexedge.runtime.results import detections_to_json
+from rexedge.runtime.results.detections import detections_to_json
 
 OFFICIAL_KEYS = {"success", "image_size", "resized_size", "task", "prompt", "raw_output", "extracted_predictions",
                  "inference_time", "num_output_tokens", "num_prompt_tokens", "generation_time", "tokens_per_second"}

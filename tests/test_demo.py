@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rexedge.export.config import RexOmniConfig
-from rexedge.export.demo_assets import draw_sample
+from rexedge.runtime.config import RexOmniConfig
+from rexedge.export.fixtures.demo_assets import draw_sample
 from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.demo import DEMO_BUNDLE, DEMO_CATEGORIES, DEMO_IMAGE
 from test_cli import BLOCK_HEAVY

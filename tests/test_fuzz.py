@@ -29,14 +29,14 @@ from PIL import Image
 
 from test_api import EXTRA_KEYS, OFFICIAL_KEYS
 from test_loop import RecordingBackend, full, offered, text_ids
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.api import RexOmni
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.grammar import COORDS_PER_GEOMETRY, GEOMETRY_OF_TASK, make_grammar
-from rexedge.runtime.parse import parse_prediction
-from rexedge.runtime.prompts import KEYPOINT_NAMES
-from rexedge.runtime.results import detections_to_json
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.decode.grammar import COORDS_PER_GEOMETRY, GEOMETRY_OF_TASK, make_grammar
+from rexedge.runtime.results.parse import parse_prediction
+from rexedge.runtime.request.prompts import KEYPOINT_NAMES
+from rexedge.runtime.results.detections import detections_to_json
+from rexedge.runtime.request.tokenizer import Tokenizer
 
 ROWS = 2048          # the tiny embedding: 2,022 ids with text, then 26 padding rows
 WIDTH = 64
@@ -304,7 +304,7 @@ def test_issue_scenario_on_the_tiny_model(tmp_path: Path) -> None:
     backend in exact mode: the model chooses padding rows, and every request completes."""
     from rexedge.bench.padding_survival import run
     from rexedge.export.bundle import export_bundle
-    from rexedge.export.tiny import write_tiny_checkpoint
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
     checkpoint = write_tiny_checkpoint(tmp_path / "checkpoint", seed=3, padding_rows="random")
     summary = run(export_bundle(checkpoint, tmp_path / "bundle", progress=False), requests=4, max_tokens=150, seed=0)

@@ -1,9 +1,9 @@
 """The output grammar (C core and Python reference) against the documented format.
 
-Responses are rendered here from the grammar in FACTS.md ("Output grammar"), each token
+Responses are rendered here from the grammar in docs/model.md ("Output grammar"), each token
 with what the documentation says may come next and what it completes; both cores must
 agree with that rendering at every step. Malformed output is checked against the
-recovery rules in rexedge.runtime.grammar's docstring.
+recovery rules in rexedge.runtime.decode.grammar's docstring.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.grammar import (
+from rexedge.runtime.decode.grammar import (
     CHOICE,
     COORD,
     DONE,
@@ -25,7 +25,7 @@ from rexedge.runtime.grammar import (
     GrammarConfigError,
     make_grammar,
 )
-from rexedge.runtime.tokenizer import TokenIds
+from rexedge.runtime.request.tokenizer import TokenIds
 
 IMPLS = ("c", "python")
 
@@ -154,7 +154,7 @@ def test_random_well_formed_responses(impl: str, kind: str, seed: int) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_documented_example(impl: str) -> None:
-    """FACTS.md's example, with the pixel coordinates worked out by hand for a 999 x 1998 image."""
+    """docs/model.md's example, with the pixel coordinates worked out by hand for a 999 x 1998 image."""
     ids = TINY_IDS
     c = ids.coord_start
     cup, dog = [5, 6], [7]
@@ -462,8 +462,8 @@ def test_errors_name_the_bad_input() -> None:
 
 
 def test_both_cores_refuse_the_same_arguments() -> None:
-    from rexedge.runtime._grammar import GrammarCore
-    from rexedge.runtime.grammar import NextKind, ReferenceGrammarCore
+    from rexedge.runtime.decode._grammar import GrammarCore
+    from rexedge.runtime.decode.grammar import NextKind, ReferenceGrammarCore
 
     good = dict(geometry=0, coord_start=1000, num_coords=1000, endoftext=2000, im_end=2002, object_ref_start=2003,
                 object_ref_end=2004, box_start=2005, box_end=2006, comma=11, space=220, none=(700,),

@@ -12,8 +12,8 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rexedge.runtime._grammar import GrammarCore
-from rexedge.runtime.grammar import (
+from rexedge.runtime.decode._grammar import GrammarCore
+from rexedge.runtime.decode.grammar import (
     CHOICE,
     COORD,
     DONE,
@@ -26,7 +26,7 @@ from rexedge.runtime.grammar import (
     ReferenceGrammarCore,
     make_grammar,
 )
-from rexedge.runtime.tokenizer import TokenIds
+from rexedge.runtime.request.tokenizer import TokenIds
 
 TINY_IDS = TokenIds(coord_start=1000, num_coords=1000, endoftext=2000, im_start=2001, im_end=2002,
                     object_ref_start=2003, object_ref_end=2004, box_start=2005, box_end=2006,

@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.head import Chooser, NumpyHead, Sampling, SamplingError
+from rexedge.runtime.decode.head import Chooser, NumpyHead, Sampling, SamplingError
 
 VOCAB, HIDDEN = 1531, 24          # odd sizes; the coordinate block below is 1,000 rows as in the model
 COORD_START, COORD_STOP = 401, 1401

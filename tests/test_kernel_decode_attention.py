@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from rexedge.export.config import RexOmniConfig  # noqa: E402
-from rexedge.export.model import TextAttention, mrope_cos_sin  # noqa: E402
+from rexedge.runtime.config import RexOmniConfig  # noqa: E402
+from rexedge.runtime.model.compact import TextAttention, mrope_cos_sin  # noqa: E402
 from rexedge.kernels import KernelInputError  # noqa: E402
 from rexedge.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Restricted head kernel == its torch reference, and the reference == rexedge.runtime.head.NumpyHead.
+"""Restricted head kernel == its torch reference, and the reference == rexedge.runtime.decode.head.NumpyHead.
 
 Runs under TRITON_INTERPRET=1 on the CPU (conftest) and natively when CUDA is present.
 Fresh random inputs per case, odd sizes, outputs poisoned before every launch.
@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 from rexedge.kernels import KernelInputError  # noqa: E402
 from rexedge.kernels.restricted_head import restricted_head, restricted_head_reference  # noqa: E402
-from rexedge.runtime.head import NumpyHead, Sampling  # noqa: E402
+from rexedge.runtime.decode.head import NumpyHead, Sampling  # noqa: E402
 
 # compiled on a GPU, under the interpreter on a CPU (conftest): one or the other per process
 DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]

@@ -70,3 +70,22 @@ def test_launcher_rejects_bad_inputs() -> None:
         add_rms_norm(x, torch.randn(2, 31), w, 1e-6)
     with pytest.raises(KernelInputError, match="alias"):
         add_rms_norm(x, None, w, 1e-6, out=x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(1, 96), (3, 1000)])
+def test_reference_matches_the_compact_model(dtype: torch.dtype, rows: int, hidden: int) -> None:
+    """The kernels' own reference == the compact model's residual add + RMSNorm, to the last bit."""
+    from rexedge.runtime.model.compact import RMSNorm
+
+    g = torch.Generator().manual_seed(rows * hidden)
+    x = (torch.randn(rows, hidden, generator=g) * 3).to(dtype)
+    delta = torch.randn(rows, hidden, generator=g).to(dtype)
+    norm = RMSNorm(hidden, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(hidden, generator=g) * 0.2)
+        expected = norm(x + delta)
+    got_x = x.clone()
+    got = add_rms_norm_reference(got_x, delta, norm.weight.detach(), 1e-6)
+    assert torch.equal(got, expected)
+    assert torch.equal(got_x, x + delta)

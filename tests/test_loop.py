@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.grammar import CHOICE, COORD, DONE, FORCED, FREE, make_grammar
-from rexedge.runtime.head import NumpyHead, Sampling
-from rexedge.runtime.loop import MAX_STEP_TOKENS, DecodeLoop, DecodingError, Generation, Limits
-from rexedge.runtime.tokenizer import TokenIds, Tokenizer
+from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE, make_grammar
+from rexedge.runtime.decode.head import NumpyHead, Sampling
+from rexedge.runtime.decode.loop import MAX_STEP_TOKENS, DecodeLoop, DecodingError, Generation, Limits
+from rexedge.runtime.request.tokenizer import TokenIds, Tokenizer
 
 HIDDEN = 16
 IMAGE_SIZE = (317, 211)
@@ -499,7 +499,7 @@ def test_bad_modes_and_limits_are_clear_errors(tokenizer: Tokenizer) -> None:
 def test_a_forced_run_longer_than_a_step_continues_in_further_steps(tokenizer: Tokenizer) -> None:
     """A category of 150 ids after a one-id branch: the chosen first id and the forced rest (with
     <|object_ref_end|> <|box_start|>) go out in steps of at most MAX_STEP_TOKENS, in order."""
-    from rexedge.runtime.phrases import phrase_table
+    from rexedge.runtime.decode.phrases import phrase_table
 
     ids = tokenizer.ids
     rng = np.random.default_rng(5)
@@ -691,7 +691,7 @@ def test_guards_inside_a_merged_step_on_a_real_backend(real_model) -> None:
 def test_a_branch_point_wider_than_64_categories(tokenizer: Tokenizer) -> None:
     """constrain_phrases with 90 categories of distinct first ids: the real head chooses among all 90 at
     the branch point (its id buffers start at 64), and the answer's phrase is one of the categories."""
-    from rexedge.runtime.phrases import phrase_table
+    from rexedge.runtime.decode.phrases import phrase_table
 
     ids = tokenizer.ids
     rng = np.random.default_rng(90)

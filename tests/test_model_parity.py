@@ -7,11 +7,11 @@ import torch
 from torch.export import Dim
 from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from rexedge.export.checkpoint import load_model
-from rexedge.export.config import RexOmniConfig
-from rexedge.export.model import KVCache, ModelInputError, RexOmniModel, VisionIndices
+from rexedge.runtime.model.checkpoint import load_model
+from rexedge.runtime.config import RexOmniConfig
+from rexedge.runtime.model.compact import KVCache, ModelInputError, RexOmniModel, VisionIndices
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.vision_layout import vision_layout
+from rexedge.runtime.request.vision_layout import vision_layout
 
 # (grid_h, grid_w) in patches: merged grid 5x3 (neither side a multiple of 4) and 4x8 (both are)
 GRIDS = [(10, 6), (8, 16)]

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from rexedge.runtime.bundle import load_bundle
-from rexedge.runtime.positions import decode_positions, rope_positions
-from rexedge.runtime.vision_layout import vision_layout
+from rexedge.runtime.request.positions import decode_positions, rope_positions
+from rexedge.runtime.request.vision_layout import vision_layout
 from rexedge.export.bundle import ExportError, export_bundle
-from rexedge.export.checkpoint import load_model
-from rexedge.export.model import KVCache
+from rexedge.runtime.model.checkpoint import load_model
+from rexedge.runtime.model.compact import KVCache
 
 RTOL = 1e-4
 

@@ -1,7 +1,7 @@
 """parse_prediction against the official Rex-Omni parser's documented behaviour.
 
-Expectations are derived by hand from the output grammar (FACTS.md) and the official
-parser's rules (runtime/parse.py docstring), or built by the generator that wrote the
+Expectations are derived by hand from the output grammar (docs/model.md) and the official
+parser's rules (runtime/results/parse.py docstring), or built by the generator that wrote the
 text; none is computed by the code under test.
 """
 
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from rexedge.runtime import parse_prediction
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.parse import parse_results
-from rexedge.runtime.results import to_official
+from rexedge.runtime.results.parse import parse_results
+from rexedge.runtime.results.detections import to_official
 
 ORS, ORE, BS, BE, END = "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|im_end|>"
 W, H = 640, 427  # an odd height, so x and y scales differ

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rexedge.runtime.grammar import make_grammar
-from rexedge.runtime.head import Sampling
-from rexedge.runtime.loop import DecodeLoop
-from rexedge.runtime.phrases import phrase_table
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.decode.grammar import make_grammar
+from rexedge.runtime.decode.head import Sampling
+from rexedge.runtime.decode.loop import DecodeLoop
+from rexedge.runtime.decode.phrases import phrase_table
+from rexedge.runtime.request.tokenizer import Tokenizer
 from test_loop import HIDDEN, UNGUARDED, RecordingBackend, groups_of, phrases, request, structural_table
 
 CLOSE = 99

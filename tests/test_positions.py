@@ -10,9 +10,9 @@ import torch
 from transformers import Qwen2_5_VLConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.positions import PositionError, decode_positions, rope_positions
+from rexedge.runtime.request.positions import PositionError, decode_positions, rope_positions
 
 CFG = RexOmniConfig.preset("tiny")
 IMAGE, VISION_START, VISION_END = CFG.image_token_id, CFG.vision_start_token_id, CFG.vision_end_token_id

@@ -13,9 +13,9 @@ from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.preprocess import (
+from rexedge.runtime.request.preprocess import (
     MAX_PIXELS,
     MIN_PIXELS,
     ImageError,
@@ -24,7 +24,7 @@ from rexedge.runtime.preprocess import (
     preprocess,
     smart_resize,
 )
-from rexedge.runtime.vision_layout import vision_layout
+from rexedge.runtime.request.vision_layout import vision_layout
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_aspect_ratio_limit_is_the_reference_one() -> None:
     [
         (37, 61),  # upscaled to min_pixels
         (479, 641),
-        (810, 1440),  # FACTS example: 1428x812, grid (1, 58, 102), 1,479 tokens
+        (810, 1440),  # docs/model.md example: 1428x812, grid (1, 58, 102), 1,479 tokens
         (1333, 1601),  # above max_pixels: downscaled
         (23, 4001),  # aspect ratio 174
         (28, 28 * 16),  # already a valid size: no resize at all
@@ -308,7 +308,7 @@ def test_extreme_aspect_ratio_is_an_error() -> None:
 def test_no_torch_needed() -> None:
     code = (
         "import sys\n"
-        "import rexedge.runtime.preprocess, rexedge.runtime.positions\n"
+        "import rexedge.runtime.request.preprocess, rexedge.runtime.request.positions\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,6 +1,6 @@
 """Task prompts, the chat template, prompt encoding, and ``rexedge prompt``.
 
-References: the prompt texts and chat template as FACTS.md gives them (written out here
+References: the prompt texts and chat template as docs/model.md gives them (written out here
 verbatim), ``json.dumps`` for the visual-prompt text as the reference builds it, and a
 plain ``tokenizers`` tokenizer that matches added tokens in text (how the reference
 tokenizes the rendered chat) for the ids.
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from rexedge.runtime.preprocess import smart_resize
-from rexedge.runtime.prompts import (
+from rexedge.runtime.request.preprocess import smart_resize
+from rexedge.runtime.request.prompts import (
     KEYPOINT_NAMES,
     TASKS,
     PromptError,
@@ -30,7 +30,7 @@ from rexedge.runtime.prompts import (
     parse_boxes,
     render_chat,
 )
-from rexedge.runtime.tokenizer import Tokenizer
+from rexedge.runtime.request.tokenizer import Tokenizer
 
 PERSON_KEYPOINTS = (
     "nose, left eye, right eye, left ear, right ear, left shoulder, right shoulder, left elbow, right elbow, "
@@ -255,7 +255,7 @@ def test_cli_json(model_dir: Path, tok: Tokenizer) -> None:
     n = grid[1] * grid[2] // 4
     assert report["resized_size"] == [width, height]
     assert (report["image_grid_thw"], report["num_image_tokens"]) == (list(grid), n)
-    assert report["num_image_tokens"] == 1479 and report["image_grid_thw"] == [1, 58, 102]  # FACTS.md's example
+    assert report["num_image_tokens"] == 1479 and report["image_grid_thw"] == [1, 58, 102]  # docs/model.md's example
     prompt = build_task_prompt("detection", ["cup", "door handle"])
     assert report["prompt"] == prompt.text and report["task"] == "detection" and report["image_size"] == [1440, 810]
     assert report["token_ids"] == encode_prompt(tok, tok.ids, prompt, n)

@@ -18,12 +18,12 @@ import pytest
 from PIL import Image
 
 from rexedge.runtime.api import RexOmni
-from rexedge.runtime.batch import BatchError, run_batch
+from rexedge.runtime.pipelines.batch import BatchError, run_batch
 from rexedge.runtime.cli import main
 from rexedge.runtime.demo import DEMO_BUNDLE
 
 ray = pytest.importorskip("ray", reason="the Ray run needs ray (pip install 'rexedge[ray]', in the dev extra)")
-from rexedge.runtime.ray_batch import local_actor_pids, run_batch_ray  # noqa: E402  (after the skip: ray_batch is for ray only)
+from rexedge.runtime.pipelines.ray_batch import local_actor_pids, run_batch_ray  # noqa: E402  (after the skip: ray_batch is for ray only)
 
 CATEGORIES = ["cup", "door handle"]
 OPTIONS = {"max_tokens": 200, "constrain_phrases": True}   # phrases are the categories: COCO gets results
@@ -176,6 +176,6 @@ def test_batch_command_with_ray_and_its_option_errors(tmp_path: Path, monkeypatc
 
 
 def test_ray_is_imported_only_by_a_ray_run() -> None:
-    code = ("import sys, rexedge.runtime.cli, rexedge.runtime.batch, rexedge.runtime.api, rexedge.runtime.ray_batch; "
+    code = ("import sys, rexedge.runtime.cli, rexedge.runtime.pipelines.batch, rexedge.runtime.api, rexedge.runtime.pipelines.ray_batch; "
             "sys.exit('ray' in sys.modules)")
     assert subprocess.run([sys.executable, "-P", "-c", code]).returncode == 0

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rexedge.runtime import parse_prediction
-from rexedge.runtime.coco import CocoExportError, to_coco_results
-from rexedge.runtime.draw import PALETTE, draw_detections, phrase_colours
+from rexedge.runtime.results.coco import CocoExportError, to_coco_results
+from rexedge.runtime.results.draw import PALETTE, draw_detections, phrase_colours
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.grammar import make_grammar
-from rexedge.runtime.results import (
+from rexedge.runtime.decode.grammar import make_grammar
+from rexedge.runtime.results.detections import (
     Detection, KeypointInstance, ResultFormatError, bins_to_pixels, detections_from_json, detections_to_json,
     official_entries, to_official)
 

@@ -15,8 +15,8 @@ import pytest
 from rexedge.export.bundle import export_bundle
 from rexedge.runtime.api import RexOmni
 from rexedge.runtime.cli import main
-from rexedge.runtime.preprocess import ImageError
-from rexedge.runtime.stream import StreamError
+from rexedge.runtime.request.preprocess import ImageError
+from rexedge.runtime.pipelines.stream import StreamError
 
 cv2 = pytest.importorskip("cv2", reason="the video tests need OpenCV (pip install rexedge[video])")
 

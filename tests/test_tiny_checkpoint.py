@@ -1,4 +1,4 @@
-"""Tiny checkpoints (rexedge.export.tiny): the published layout, read back by transformers and safetensors."""
+"""Tiny checkpoints (rexedge.export.fixtures.tiny): the published layout, read back by transformers and safetensors."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import AutoImageProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-from rexedge.export.config import RexOmniConfig
-from rexedge.export.tiny import write_tiny_checkpoint
+from rexedge.runtime.config import RexOmniConfig
+from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 from rexedge.runtime.errors import RexEdgeError
 
 TINY = RexOmniConfig.preset("tiny")
@@ -76,7 +76,7 @@ def test_transformers_loads_with_no_missing_or_unexpected_keys(tiny_checkpoint: 
 def test_processor_and_generation_configs(tiny_checkpoint: Path) -> None:
     processor = AutoImageProcessor.from_pretrained(tiny_checkpoint)
     rng = np.random.default_rng()
-    # FACTS.md: 1440x810 -> 1428x812 -> grid (1, 58, 102); tiny and huge images hit min / max pixels
+    # docs/model.md: 1440x810 -> 1428x812 -> grid (1, 58, 102); tiny and huge images hit min / max pixels
     for (width, height), grid in [((1440, 810), (1, 58, 102)), ((30, 20), (1, 8, 10)), ((4000, 3000), (1, 86, 116))]:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         out = processor(images=[image], return_tensors="pt")

@@ -16,12 +16,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from rexedge.export.checkpoint import load_model  # noqa: E402
-from rexedge.export.model import KVCache  # noqa: E402
+from rexedge.runtime.model.checkpoint import load_model  # noqa: E402
+from rexedge.runtime.model.compact import KVCache  # noqa: E402
 from rexedge.kernels.restricted_head import restricted_head_reference  # noqa: E402
 from rexedge.runtime.backends import BackendError, load_backend  # noqa: E402
-from rexedge.runtime.backends.torch_cuda import MAX_APPEND, choose_on_device, decode_step  # noqa: E402
-from rexedge.runtime.head import Sampling  # noqa: E402
+from rexedge.runtime.backends.device_head import choose_on_device  # noqa: E402
+from rexedge.runtime.backends.torch_cuda import MAX_APPEND, decode_step  # noqa: E402
+from rexedge.runtime.decode.head import Sampling  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 KERNEL_DEVICE = "cuda" if CUDA else "cpu"   # compiled on a GPU, under the interpreter on a CPU (conftest)
@@ -133,7 +134,7 @@ def test_cuda_backend_bookkeeping_on_cpu_stand_ins(tiny_checkpoint: Path, decodi
     body, events that do nothing, pinned memory that is plain memory; kernels under the interpreter): the
     packed inputs, cache length, one capture per step shape and the device head give the CPU backend's tokens.
     What a real capture bakes in (a Python value read at capture time) shows only on a GPU, in the test below."""
-    from rexedge.export import checkpoint
+    from rexedge.runtime.model import checkpoint
     from rexedge.runtime.api import RexOmni
     from rexedge.runtime.backends import torch_cuda
 

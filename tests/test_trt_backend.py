@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from rexedge.export.bundle import export_bundle
-from rexedge.export.engine import (
-    EngineError,
-    Target,
-    build_engines,
-    engine_file,
-    engine_record,
-    select_engines,
-)
+from rexedge.export.tensorrt.engine import build_engines
 from rexedge.runtime.backends import BackendError, load_backend
+from rexedge.runtime.backends.trt_engines import EngineError, Target, engine_file, engine_record, select_engines
 from rexedge.runtime.bundle import MANIFEST, BundleError, load_bundle, update_manifest
 from rexedge.runtime.cli import main
 
@@ -139,8 +133,8 @@ def host(hidden) -> np.ndarray:
 
 @pytest.mark.skipif(not _gpu_ready(), reason="needs TensorRT and a CUDA GPU")
 def test_trt_backend_matches_ort_on_a_gpu(tiny_checkpoint: Path, trt_bundle: Path, tmp_path: Path) -> None:
-    from rexedge.runtime.positions import decode_positions, rope_positions
-    from rexedge.runtime.preprocess import preprocess
+    from rexedge.runtime.request.positions import decode_positions, rope_positions
+    from rexedge.runtime.request.preprocess import preprocess
 
     record = build_engines(trt_bundle, "fp16", timing_cache=tmp_path / "timing.cache", progress=False)
     assert all((trt_bundle / f).is_file() for f in record["files"].values())

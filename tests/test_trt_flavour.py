@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from rexedge.export.bundle import export_bundle
-from rexedge.export.checkpoint import load_model
-from rexedge.export.model import KVCache
-from rexedge.export.onnx_decoder import FLAVOURS, build_decoder_graph
-from rexedge.export.onnx_graph import ExternalData
+from rexedge.runtime.model.checkpoint import load_model
+from rexedge.runtime.model.compact import KVCache
+from rexedge.export.onnx.decoder import FLAVOURS, build_decoder_graph
+from rexedge.export.onnx.graph import ExternalData
 from rexedge.runtime.bundle import load_bundle
-from rexedge.runtime.positions import decode_positions, rope_positions
+from rexedge.runtime.request.positions import decode_positions, rope_positions
 
 RTOL = 1e-4
 # the foundation commit: the ort-flavour decoder builder as it was before the trt flavour was added
@@ -127,7 +127,7 @@ def test_ort_flavour_graph_is_unchanged(tiny_checkpoint: Path, tmp_path: Path) -
     """The ort flavour's graph equals, byte for byte, what the builder wrote before the trt flavour existed."""
     import subprocess
 
-    previous = subprocess.run(["git", "show", f"{BEFORE_TRT}:export/onnx_decoder.py"], capture_output=True,
+    previous = subprocess.run(["git", "show", f"{BEFORE_TRT}:export/onnx/decoder.py"], capture_output=True,
                               text=True, cwd=Path(__file__).parents[1])
     if previous.returncode != 0:
         pytest.skip(f"no git history with commit {BEFORE_TRT} (the builder before the trt flavour)")
@@ -140,7 +140,7 @@ def test_ort_flavour_graph_is_unchanged(tiny_checkpoint: Path, tmp_path: Path) -
         spec.loader.exec_module(old)
     finally:
         del sys.modules[spec.name]
-    from rexedge.export.checkpoint import open_checkpoint
+    from rexedge.runtime.model.checkpoint import open_checkpoint
 
     cfg = open_checkpoint(tiny_checkpoint).config
     data = ExternalData(tmp_path / "weights.data")
@@ -155,7 +155,7 @@ def test_ort_flavour_graph_is_unchanged(tiny_checkpoint: Path, tmp_path: Path) -
 
 
 def _decoder_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    from rexedge.export.checkpoint import expected_tensor_shapes
+    from rexedge.runtime.model.checkpoint import expected_tensor_shapes
 
     return {n: tuple(s)[::-1] if len(s) == 2 else tuple(s) for n, s in expected_tensor_shapes(cfg).items()
             if n.startswith("model.") and n != "model.embed_tokens.weight"}

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rexedge.export.bundle import export_bundle
-from rexedge.export.trt_ops import (
+from rexedge.export.tensorrt.ops import (
     TrtCompatibilityError,
     check_graph_file,
     check_model,

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.vision_layout import VisionLayoutError, vision_layout
+from rexedge.runtime.request.vision_layout import VisionLayoutError, vision_layout
 
 # Qwen2.5-VL: 14-px patches, 2x2 merge, 112-px windows (4x4 merged tokens).
 PATCH, MERGE, WINDOW_PX = 14, 2, 112

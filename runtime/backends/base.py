@@ -1,7 +1,7 @@
 """What every backend provides to the decode loop, and nothing more.
 
 A backend encodes images, prefills a prompt and appends tokens; it owns its KV cache.
-The decode loop is shared (``rexedge.runtime.loop``). The head (logits of the rows the
+The decode loop is shared (``rexedge.runtime.decode.loop``). The head (logits of the rows the
 grammar allows, the penalty and the choice of token) comes from ``make_head``: host
 backends return the numpy head over ``embed_table`` (the tied embedding); a GPU backend
 returns one that keeps logits on the device.
@@ -13,15 +13,19 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
-from rexedge.export.config import RexOmniConfig
+from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 
 if TYPE_CHECKING:
-    from rexedge.runtime.head import Head, NumpyHead, Sampling
-    from rexedge.runtime.preprocess import PreprocessedImage
-    from rexedge.runtime.tokenizer import Tokenizer
+    from rexedge.runtime.decode.head import Head, NumpyHead, Sampling
+    from rexedge.runtime.request.preprocess import PreprocessedImage
+    from rexedge.runtime.request.tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
+
+# dtype names the torch backends take -> torch dtype attribute names
+TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16"}
 
 
 class BackendError(RexEdgeError, ValueError):
@@ -40,7 +44,7 @@ class HostHeadBackend:
         return self._length
 
     def make_head(self, sampling: "Sampling") -> "NumpyHead":
-        from rexedge.runtime.head import NumpyHead
+        from rexedge.runtime.decode.head import NumpyHead
 
         return NumpyHead(self.embed_table, sampling)
 

@@ -34,7 +34,7 @@ from rexedge.runtime.backends.base import (
 from rexedge.runtime.bundle import load_bundle
 
 if TYPE_CHECKING:
-    from rexedge.runtime.preprocess import PreprocessedImage
+    from rexedge.runtime.request.preprocess import PreprocessedImage
 
 _KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32}  # int8: Q/DQ graphs, float32 cache
 # ONNX Runtime turns Q -> DQ -> MatMul <- DQ(weight) into an integer MatMul only where the

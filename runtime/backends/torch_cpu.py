@@ -1,4 +1,4 @@
-"""The ``torch`` backend: the compact model (:mod:`rexedge.export.model`) on the CPU, from a checkpoint.
+"""The ``torch`` backend: the compact model (:mod:`rexedge.runtime.model.compact`) on the CPU, from a checkpoint.
 
 It is the reference the exported graphs are checked against, and needs no export step.
 Its KV cache is the model's own per-layer ``[1, kv_heads, max_context, head_dim]``
@@ -15,6 +15,7 @@ import numpy as np
 
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
+    TORCH_DTYPES,
     BackendError,
     HostHeadBackend,
     check_capacity,
@@ -30,11 +31,7 @@ except ImportError:  # the runtime core installs without torch
     torch = None
 
 if TYPE_CHECKING:
-    from rexedge.runtime.preprocess import PreprocessedImage
-
-TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
-
+    from rexedge.runtime.request.preprocess import PreprocessedImage
 
 class TorchBackend(HostHeadBackend):
     """Runs a checkpoint directory with the compact torch model."""
@@ -49,9 +46,9 @@ class TorchBackend(HostHeadBackend):
             raise BackendError(f"torch CPU backend: device {device!r}; use device='cpu' (or 'cuda' through load_backend)")
         if dtype not in TORCH_DTYPES:
             raise BackendError(f"torch backend: dtype {dtype!r}, expected one of {sorted(TORCH_DTYPES)}")
-        from rexedge.export.checkpoint import load_model
-        from rexedge.export.model import KVCache
-        from rexedge.runtime.tokenizer import Tokenizer
+        from rexedge.runtime.model.checkpoint import load_model
+        from rexedge.runtime.model.compact import KVCache
+        from rexedge.runtime.request.tokenizer import Tokenizer
 
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         self._model = load_model(model_path, dtype=torch_dtype)

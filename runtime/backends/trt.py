@@ -1,7 +1,7 @@
 """The ``trt`` backend: a trt-flavour bundle's TensorRT engines (``rexedge build``) on one CUDA stream.
 
 Engines: the record of this machine's GPU, compute capability, TensorRT version and the
-requested precision is looked up in the manifest (:func:`rexedge.export.engine.select_engines`);
+requested precision is looked up in the manifest (:func:`rexedge.export.tensorrt.engine.select_engines`);
 an engine built elsewhere is a clear error before TensorRT is asked to deserialize it.
 
 Decoder: one execution context per optimization profile (``prefill``: empty cache;
@@ -19,7 +19,7 @@ the ping-pong addresses change every token, so a captured step would be invalid 
 next one and the step is enqueued directly. (An in-place cache needs a TensorRT plugin.)
 
 Head: with torch and triton installed, :meth:`make_head` returns the Triton restricted
-head (``DeviceHead`` of the torch CUDA backend), which reads the last hidden state on the
+head (``DeviceHead``, runtime/backends/device_head.py), which reads the last hidden state on the
 device, and ``prefill`` / ``step`` return that state as a torch tensor (as the torch CUDA
 backend does); otherwise the numpy head over the hidden state copied to the host (8 KB
 per token for the 3B model), and they return a numpy array.
@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from rexedge.export.engine import EngineError, current_target, import_tensorrt, select_engines
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
     BackendError,
@@ -47,12 +46,13 @@ from rexedge.runtime.backends.base import (
     check_token_ids,
 )
 from rexedge.runtime.backends.cuda_memory import DeviceBuffer, open_cuda, parse_cuda_device
+from rexedge.runtime.backends.trt_engines import EngineError, current_target, import_tensorrt, select_engines
 from rexedge.runtime.bundle import load_bundle
-from rexedge.runtime.head import NumpyHead, Sampling
+from rexedge.runtime.decode.head import NumpyHead, Sampling
 
 if TYPE_CHECKING:
-    from rexedge.runtime.head import Head
-    from rexedge.runtime.preprocess import PreprocessedImage
+    from rexedge.runtime.decode.head import Head
+    from rexedge.runtime.request.preprocess import PreprocessedImage
 
 _KV_BYTES = {"fp32": 4, "fp16": 2}
 
@@ -139,7 +139,7 @@ class TrtBackend:
         uploaded once per backend."""
         if not self._device_head:
             return NumpyHead(self.embed_table, sampling)
-        from rexedge.runtime.backends.torch_cuda import DeviceHead
+        from rexedge.runtime.backends.device_head import DeviceHead
 
         torch = self.memory.torch
         if self._device_table is None:

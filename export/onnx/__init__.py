@@ -1,0 +1,1 @@
+"""ONNX graphs of the vision encoder and the decoder, built from checkpoint tensors."""

@@ -1,0 +1,1 @@
+"""TensorRT: optimization profiles, the operator check, engine building."""

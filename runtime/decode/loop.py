@@ -1,0 +1,261 @@
+"""The decode loop, written once for every backend.
+
+A backend only encodes images, prefills and steps (it owns the KV cache); the head and
+the choice of token run here (or, on a GPU backend, in the backend's own head). Two modes:
+
+- ``exact``: every step over the full vocabulary, greedy (or the wrapper's sampling),
+  repetition penalty over prompt and output, stop at <|im_end|>: the reference's tokens.
+- ``structured`` (default): the output grammar says what may come next. Phrase steps
+  exclude coordinate and special tokens, no FREE step (phrase or the keypoint task's
+  text) chooses a padding row of the embedding (no text), COORD steps multiply only the 1,000
+  coordinate rows of the head, CHOICE steps a handful of rows, and the output is always
+  in the task's grammar. FORCED tokens (what the grammar allows as the only
+  continuation, e.g. <|object_ref_end|><|box_start|>, and with ``phrases`` the unique
+  rest of a category) need no head: they ride in the backend step of the token chosen
+  before them (jump-forward). One backend step = one chosen token + the forced tokens
+  after it, because only the next choice needs a hidden state, the one after the last of
+  them. A step appends at most ``MAX_STEP_TOKENS``; a longer run continues in further
+  steps.
+
+Step accounting (``Generation.steps``): backend steps by the kind of the head's choice
+that opened them (free / coord / choice); ``forced`` counts steps that hold forced tokens
+only (the continuation of a run longer than ``MAX_STEP_TOKENS``).
+``Generation.forced_tokens`` counts the forced tokens of the output.
+
+The grammar runs in both modes, so detections (and the guards that look at them) are
+the same machinery either way. Guards: max_new_tokens (counts every token, forced ones
+too), a cap on boxes, four zero coordinates in a row, a box that repeats one already
+produced, a full KV cache (a step whose tokens do not all fit is not run; the output ends
+with the chosen token or forced run that first did not fit). Each box's
+score is the geometric mean of its coordinates' probabilities under the softmax of the
+step that chose them (the coordinate rows in structured mode, the whole vocabulary in
+exact mode).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rexedge.runtime.backends.base import Backend
+from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE
+from rexedge.runtime.decode.head import Head
+from rexedge.runtime.decode.phrases import PhraseTable
+from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.request.tokenizer import TokenIds
+from rexedge.runtime.results.detections import Detection
+
+MODES = ("exact", "structured")
+# The most tokens one backend step appends: the loop's host buffers, and the CUDA backend's
+# jump-forward buffer (TorchCudaBackend's MAX_APPEND) holds as many.
+MAX_STEP_TOKENS = 64
+
+
+class DecodingError(RexEdgeError, ValueError):
+    """A decoding mode or limit that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int = 4096
+    max_boxes: int = 1000
+    stop_on_zero_box: bool = True       # "<0><0><0><0>": what the evaluation scripts stop on
+    stop_on_repeated_box: bool = True   # runaway outputs repeat boxes they already gave
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "max_boxes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DecodingError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    detections: list[Detection]
+    stop_reason: str                    # eos | grammar_done | max_new_tokens | max_boxes | zero_box | repeated_box | context_full
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    backend_s: float = 0.0              # time inside backend.step (decode_s minus this is host overhead)
+    steps: dict[str, int] = field(default_factory=dict)   # backend steps by the kind of the choice that opened them
+    forced_tokens: int = 0              # output tokens appended without the head
+
+
+class _Answer:
+    """The tokens decoded so far and what the guards watch: boxes, their scores, zeros, the phrase."""
+
+    def __init__(self, ids: TokenIds, grammar, limits: Limits, stop_ids: set[int]) -> None:
+        self.ids, self.grammar, self.limits, self.stop_ids = ids, grammar, limits, stop_ids
+        self.tokens: list[int] = []
+        self.detections: list[Detection] = []
+        self.phrase: tuple[int, ...] = ()   # ids of the phrase being written (for the phrase table)
+        self.forced = 0                     # tokens appended without the head
+        self._coord_probs: list[float] = []
+        self._seen_boxes: set[tuple[str, tuple[int, ...]]] = set()
+        self._zeros_in_a_row = 0
+
+    def append(self, token: int, prob: float, in_phrase: bool) -> str | None:
+        """Add one token (``prob``: its probability when chosen); the stop reason it triggers, if any."""
+        ids, limits = self.ids, self.limits
+        self.tokens.append(token)
+        if token == ids.object_ref_start:
+            self.phrase = ()
+        elif in_phrase:
+            self.phrase += (token,)
+        if ids.coord_start <= token < ids.coord_start + ids.num_coords:
+            self._coord_probs.append(prob)
+            self._zeros_in_a_row = self._zeros_in_a_row + 1 if token == ids.coord_start else 0
+        else:
+            self._zeros_in_a_row = 0
+        if limits.stop_on_zero_box and self._zeros_in_a_row >= 4:
+            # the reference stops on "<0><0><0><0>" and drops it (a stop string): a box it
+            # completes is all zeros and is not kept
+            return "zero_box"
+        for det in self.grammar.advance(token):
+            key = (det.phrase, det.bins)
+            if limits.stop_on_repeated_box and key in self._seen_boxes:
+                return "repeated_box"
+            self._seen_boxes.add(key)
+            probs = self._coord_probs[-len(det.bins):]
+            det.score = math.exp(sum(math.log(max(p, 1e-30)) for p in probs) / len(probs))
+            self.detections.append(det)
+        if token in self.stop_ids:
+            return "eos"
+        if len(self.detections) >= limits.max_boxes:
+            return "max_boxes"
+        return None
+
+
+class DecodeLoop:
+    """Drives one backend and one head; reused across images (buffers are allocated once)."""
+
+    def __init__(self, backend: Backend, head: Head, ids: TokenIds, mode: str = "structured",
+                 limits: Limits = Limits()) -> None:
+        if mode not in MODES:
+            raise DecodingError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.backend, self.head, self.ids, self.mode, self.limits = backend, head, ids, mode, limits
+        self._positions = np.empty((3, MAX_STEP_TOKENS), dtype=np.int64)
+        self._token = np.empty(MAX_STEP_TOKENS, dtype=np.int64)
+        self._offsets = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
+        self._stop_ids = {ids.im_end, ids.endoftext}
+        self._blocked_by_allowed: dict[tuple[int, ...] | None, np.ndarray] = {}
+
+    def _blocked(self, allowed: tuple[int, ...], in_phrase: bool) -> np.ndarray:
+        """Rows a structured FREE step may not use: the padding rows (no text) always; in a phrase also
+        the added tokens (coordinates, specials), except ``allowed``."""
+        key = allowed if in_phrase else None
+        blocked = self._blocked_by_allowed.get(key)
+        if blocked is None:
+            tokenizer = self.backend.tokenizer
+            blocked = ~tokenizer.has_text(self.backend.embed_table.shape[0])
+            if in_phrase:
+                blocked[list(tokenizer.added_tokens.values())] = True
+                blocked[list(allowed)] = False
+            self._blocked_by_allowed[key] = blocked
+        return blocked
+
+    def _what_next(self, grammar, phrases: PhraseTable | None, phrase: tuple[int, ...]) -> tuple[str, tuple[int, ...], bool]:
+        """(kind, ids, in_phrase): ``done``; ``forced`` (ids follow in order); or the head chooses at a
+        ``free`` (ids: what a phrase may use besides text, or () for anything), ``coord`` or ``choice`` step."""
+        kind, allowed = grammar.next()
+        if kind == DONE:
+            return "done", (), False
+        if self.mode == "exact":
+            return "free", (), False
+        if kind == FREE:
+            # a FREE step with ids is phrase text: no coordinate or special token but those ids
+            if allowed and phrases is not None:
+                forced, options = phrases.get(phrase, (True, allowed))
+                return ("forced" if forced else "choice"), options, True
+            return "free", allowed, bool(allowed)
+        return {COORD: "coord", CHOICE: "choice", FORCED: "forced"}[kind], allowed, False
+
+    def _choose(self, kind: str, allowed: tuple[int, ...], in_phrase: bool, hidden: np.ndarray) -> tuple[int, float]:
+        ids, head = self.ids, self.head
+        if kind == "coord":
+            return head.choose_range(hidden, ids.coord_start, ids.coord_start + ids.num_coords, allowed)
+        if kind == "choice":
+            return head.choose_ids(hidden, allowed)
+        # exact mode is the reference's full vocabulary, padding rows included
+        return head.choose_full(hidden, None if self.mode == "exact" else self._blocked(allowed, in_phrase))
+
+    def _next_run(self, grammar, phrases: PhraseTable | None, answer: _Answer, hidden: np.ndarray,
+                  room: int) -> tuple[str, list[int], str | None]:
+        """Decide the tokens of the next backend step, adding each to ``answer``: the head's choice at
+        ``hidden`` (unless the grammar forces what comes first), then every forced token after it.
+
+        Returns (step kind, tokens, stop reason or None). ``room``: KV slots left; once the tokens
+        so far overflow it no forced run is added, so the output ends with the run (a chosen token,
+        or one forced run) that first did not fit."""
+        step_kind, tokens = "forced", []
+        while len(answer.tokens) < self.limits.max_new_tokens:
+            kind, allowed, in_phrase = self._what_next(grammar, phrases, answer.phrase)
+            if kind == "done":
+                return step_kind, tokens, "grammar_done"
+            if kind == "forced":
+                if len(tokens) > room:
+                    return step_kind, tokens, None
+                new = [(t, 1.0) for t in allowed[: self.limits.max_new_tokens - len(answer.tokens)]]
+                answer.forced += len(new)
+            elif tokens:
+                return step_kind, tokens, None   # this choice needs the hidden state after `tokens`
+            else:
+                step_kind, new = kind, [self._choose(kind, allowed, in_phrase, hidden)]
+            for token, prob in new:
+                tokens.append(token)
+                self.head.observe(token)
+                stop = answer.append(token, prob, in_phrase)
+                if stop:
+                    return step_kind, tokens, stop
+        return step_kind, tokens, "max_new_tokens"   # nothing follows the last token: it needs no step
+
+    def _step(self, tokens: list[int], cache_len: int, rope_delta: int) -> np.ndarray:
+        k = len(tokens)
+        self._token[:k] = tokens
+        # decode positions: cache position + rope_delta, the same on all three streams
+        np.add(self._offsets[:k], cache_len + rope_delta, out=self._positions[0, :k])
+        self._positions[1:, :k] = self._positions[0, :k]
+        return self.backend.step(self._token[:k], self._positions[:, :k])
+
+    def run(self, prompt_ids: np.ndarray, image_embeds: np.ndarray, positions: np.ndarray, rope_delta: int,
+            grammar, phrases: PhraseTable | None = None) -> Generation:
+        """Prefill the prompt (image embeddings at its image tokens) and decode under ``grammar``.
+
+        ``phrases`` (structured mode): constrain each phrase to one of these token sequences
+        (``rexedge.runtime.decode.phrases``); None keeps phrases free text.
+        """
+        ids, backend = self.ids, self.backend
+        t0 = time.perf_counter()
+        embeds = backend.embed_table[prompt_ids].astype(np.float32)
+        image_rows = np.flatnonzero(prompt_ids == ids.image_pad)
+        if image_rows.shape[0] != image_embeds.shape[0]:
+            raise ValueError(f"prompt has {image_rows.shape[0]} image tokens but the image gave {image_embeds.shape[0]} embeddings")
+        embeds[image_rows] = image_embeds
+        hidden = backend.prefill(embeds, positions)
+        self.head.reset(prompt_ids)
+        prefill_s = time.perf_counter() - t0
+
+        answer = _Answer(ids, grammar, self.limits, self._stop_ids)
+        steps = {"free": 0, "coord": 0, "choice": 0, "forced": 0}
+        backend_s = 0.0
+        cache_len = len(prompt_ids)
+        t1 = time.perf_counter()
+        while True:
+            kind, tokens, stop_reason = self._next_run(grammar, phrases, answer, hidden, backend.max_context - cache_len)
+            if stop_reason is None and cache_len + len(tokens) > backend.max_context:
+                stop_reason = "context_full"
+            if stop_reason is not None:
+                break
+            ts = time.perf_counter()
+            for start in range(0, len(tokens), MAX_STEP_TOKENS):
+                chunk = tokens[start:start + MAX_STEP_TOKENS]
+                hidden = self._step(chunk, cache_len, rope_delta)
+                cache_len += len(chunk)
+                steps[kind if start == 0 else "forced"] += 1
+            backend_s += time.perf_counter() - ts
+        return Generation(token_ids=answer.tokens, detections=answer.detections, stop_reason=stop_reason,
+                          prefill_s=prefill_s, decode_s=time.perf_counter() - t1, backend_s=backend_s, steps=steps,
+                          forced_tokens=answer.forced)

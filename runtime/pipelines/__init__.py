@@ -1,0 +1,1 @@
+"""Many images: video streams, offline batches (one machine, Ray)."""

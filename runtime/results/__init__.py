@@ -1,0 +1,1 @@
+"""What comes out: typed detections, the official parser, COCO, drawing."""
