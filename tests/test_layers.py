@@ -72,7 +72,7 @@ def test_the_source_tree_keeps_its_layers():
 
 
 @pytest.mark.parametrize("package,line,expected", [
-    ("runtime/request", "from rexedge.runtime.config import RexOmniConfig", "runtime may import"),
+    ("runtime/request", "from rexedge.export.bundle import export_bundle", "runtime may import"),
     ("kernels", "from rexedge.runtime.errors import RexEdgeError", "kernels may import"),
     ("export", "import rexedge.calib.quantize", "export may import"),
     ("calib", "from rexedge.bench import harness", "calib may import"),
