@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import tokenizers
 
+from rexedge.runtime.cli.options import parse_boxes
 from rexedge.runtime.request.preprocess import smart_resize
 from rexedge.runtime.request.prompts import (
     KEYPOINT_NAMES,
@@ -27,7 +28,6 @@ from rexedge.runtime.request.prompts import (
     build_prompt,
     build_task_prompt,
     encode_prompt,
-    parse_boxes,
     render_chat,
 )
 from rexedge.runtime.request.tokenizer import Tokenizer

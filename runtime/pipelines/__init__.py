@@ -1,1 +1,1 @@
-"""Many images: video streams, offline batches (one machine, Ray)."""
+"""Many images: frame streams (video files, cameras), offline batches (one machine, Ray)."""

@@ -34,12 +34,10 @@ each line with ``image_record`` and writing it with ``write_record``.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -383,27 +381,3 @@ def _write_coco(out: Path, request: dict[str, Any], plan: _CocoPlan, summary: Ba
             summary.unmatched[phrase] = summary.unmatched.get(phrase, 0) + count
     plan.path.write_text(json.dumps(coco) + "\n", encoding="utf-8")
     summary.coco, summary.coco_results = plan.path, len(coco)
-
-
-def batch_command(args: argparse.Namespace) -> None:
-    from rexedge.runtime.cli import model_from_args, model_spec
-    from rexedge.runtime.request.prompts import parse_boxes, parse_categories
-
-    categories = parse_categories(args.categories) if args.categories is not None else None
-    boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
-    options = dict(task=args.task, categories=categories, keypoint_type=args.keypoint_type, visual_prompt_boxes=boxes,
-                   coco=args.coco, category_ids=args.category_ids, image_ids=args.image_ids)
-    ray_options = {"address": args.address, "actors": args.actors, "gpus_per_actor": args.gpus_per_actor,
-                   "max_batch": args.max_batch}
-    if args.ray:
-        from rexedge.runtime.pipelines.ray_batch import run_batch_ray
-
-        model_path, model_options = model_spec(args)
-        given = {key: value for key, value in ray_options.items() if value is not None}
-        summary = run_batch_ray(model_path, args.inputs, args.out, model_options=model_options, **given, **options)
-    else:
-        unused = [f"--{key.replace('_', '-')}" for key, value in ray_options.items() if value is not None]
-        if unused:
-            raise BatchError(f"{', '.join(unused)}: options of a Ray run; add --ray")
-        summary = run_batch(model_from_args(args), args.inputs, args.out, **options)
-    print(summary, file=sys.stderr)

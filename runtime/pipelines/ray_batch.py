@@ -32,9 +32,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from rexedge.runtime.pipelines.batch import (BatchError, BatchPlan, BatchSummary, finish_batch, image_record, plan_batch,
-                                   write_record)
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.pipelines.batch import (
+    BatchError,
+    BatchPlan,
+    BatchSummary,
+    finish_batch,
+    image_record,
+    plan_batch,
+    write_record,
+)
 
 MAX_BLOCKS = 10_000   # more blocks cost driver memory and scheduling, for nothing once every actor is busy
 

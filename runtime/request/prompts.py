@@ -9,16 +9,11 @@ the runtime produces itself (``TaskPrompt.pieces`` keeps them apart from the tex
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass
 from numbers import Real
-from pathlib import Path
 from typing import Sequence, Union
 
-from rexedge.runtime.bundle import MANIFEST, load_bundle
-from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.request.tokenizer import NUM_COORDS, TokenIds, Tokenizer, coord_text
 
@@ -260,80 +255,3 @@ def _check_box(box: Sequence[float], index: int, width: int, height: int) -> tup
     if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
         raise PromptError(f"visual prompt box {index} {list(values)} lies outside the {width}x{height} (WxH) image")
     return x0, y0, x1, y1
-
-
-# rexedge prompt ------------------------------------------------------------
-
-
-def prompt_command(args: argparse.Namespace) -> None:
-    """``rexedge prompt``: the prompt, token ids and image grid the model will see (no weights read)."""
-    from rexedge.runtime.request.preprocess import smart_resize
-
-    width, height = _parse_image_size(args.image_size)
-    tokenizer, config = _tokenizer_and_config(Path(args.model))
-    limits = (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
-    pixel_limits = {name: value for name, value in limits if value is not None}
-    resized_h, resized_w = smart_resize(height, width, config.image_factor, **pixel_limits)
-    grid = (1, resized_h // config.patch_size, resized_w // config.patch_size)
-    num_image_tokens = grid[1] * grid[2] // config.merge_unit
-
-    categories = parse_categories(args.categories) if args.categories is not None else None
-    boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes is not None else None
-    task_prompt = build_task_prompt(args.task, categories, args.keypoint_type, boxes, (width, height))
-    token_ids = encode_prompt(tokenizer, tokenizer.ids, task_prompt, num_image_tokens)
-
-    report = {
-        "task": task_prompt.task,
-        "prompt": task_prompt.text,
-        "image_size": [width, height],
-        "resized_size": [resized_w, resized_h],
-        "image_grid_thw": list(grid),
-        "num_image_tokens": num_image_tokens,
-        "num_prompt_tokens": len(token_ids),
-        "token_ids": token_ids,
-    }
-    if args.json:
-        print(json.dumps(report))
-        return
-    print(f"task:              {report['task']}")
-    print(f"prompt:            {report['prompt']}")
-    print(f"image size (WxH):  {width}x{height} -> resized {resized_w}x{resized_h}")
-    print(f"image grid (thw):  {grid[0]} x {grid[1]} x {grid[2]} patches -> {num_image_tokens} image tokens")
-    print(f"num_prompt_tokens: {len(token_ids)}")
-    print(f"token_ids:         {' '.join(map(str, token_ids))}")
-
-
-def _tokenizer_and_config(model: Path) -> tuple[Tokenizer, RexOmniConfig]:
-    """From a bundle (manifest.json + tokenizer.json) or a checkpoint (config.json + tokenizer files)."""
-    if (model / MANIFEST).is_file():
-        bundle = load_bundle(model, verify_hashes=False)
-        return bundle.load_tokenizer(), bundle.config
-    return Tokenizer.from_dir(model), RexOmniConfig.from_json(model)
-
-
-def _parse_image_size(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise PromptError(f"--image-size must be WxH with positive integers, e.g. 640x480; got {text!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def parse_categories(text: str) -> list[str]:
-    categories = [c.strip() for c in text.split(",")]
-    if not all(categories):
-        raise PromptError(f"--categories must be comma-separated non-empty names, e.g. 'cup,door handle'; got {text!r}")
-    return categories
-
-
-def parse_boxes(text: str) -> list[list[float]]:
-    """Boxes written on a command line, 'x0,y0,x1,y1;x0,y0,x1,y1' (pixels) -> [[x0, y0, x1, y1], ...]."""
-    boxes = []
-    for part in text.split(";"):
-        try:
-            box = [float(v) for v in part.split(",")]
-        except ValueError:
-            box = []
-        if len(box) != 4:
-            raise PromptError(f"--visual-prompt-boxes must be 'x0,y0,x1,y1;x0,y0,x1,y1' in pixels; got {text!r}")
-        boxes.append(box)
-    return boxes

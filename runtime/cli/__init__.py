@@ -23,7 +23,7 @@ def _tiny_checkpoint(args: argparse.Namespace) -> None:
 
 
 def _prompt(args: argparse.Namespace) -> None:
-    from rexedge.runtime.request.prompts import prompt_command
+    from rexedge.runtime.cli.prompt import prompt_command
 
     prompt_command(args)
 
@@ -84,7 +84,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _check_request(args: argparse.Namespace) -> tuple[list[str] | None, list[list[float]] | None]:
     """Categories and boxes from the command line, with the task's needs checked once, before the model
     loads (whether the boxes lie inside an image is checked per image)."""
-    from rexedge.runtime.request.prompts import PromptError, build_task_prompt, parse_boxes, parse_categories
+    from rexedge.runtime.cli.options import parse_boxes, parse_categories
+    from rexedge.runtime.request.prompts import PromptError, build_task_prompt
 
     boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
     categories = parse_categories(args.categories) if args.categories is not None else None
@@ -162,13 +163,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _video(args: argparse.Namespace) -> None:
-    from rexedge.runtime.pipelines.video import video_command
+    from rexedge.runtime.cli.video import video_command
 
     video_command(args)
 
 
 def _batch(args: argparse.Namespace) -> None:
-    from rexedge.runtime.pipelines.batch import batch_command
+    from rexedge.runtime.cli.batch import batch_command
 
     batch_command(args)
 
@@ -352,6 +353,3 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from rexedge.runtime.cli.options import parse_boxes, parse_categories
 from rexedge.runtime.pipelines.batch import result_record
 from rexedge.runtime.pipelines.stream import StreamError, StreamResult, import_cv2
 
@@ -71,7 +72,6 @@ def video_command(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from rexedge.runtime.cli import model_from_args
-    from rexedge.runtime.request.prompts import parse_boxes, parse_categories
 
     source: Any = int(args.input) if args.input.isdigit() else args.input
     categories = parse_categories(args.categories) if args.categories is not None else None
