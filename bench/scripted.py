@@ -24,10 +24,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from rexedge.bench.scenarios import BenchError
+from rexedge.runtime.decode.grammar import CHOICE, COORD, FORCED, FREE
 from rexedge.runtime.decode.head import Head
 
-FORCED_KIND = "forced"
-STEP_KINDS = ("free", "coord", "choice", FORCED_KIND)
+FORCED_KIND = FORCED.label
+STEP_KINDS = tuple(kind.label for kind in (FREE, COORD, CHOICE, FORCED))
 
 
 class ScriptedHead:
@@ -66,7 +67,7 @@ class ScriptedHead:
     def choose_full(self, hidden: np.ndarray, blocked: np.ndarray | None = None) -> tuple[int, float]:
         start = time.perf_counter()
         _, prob = self.inner.choose_full(hidden, blocked)
-        token, prob = self._answer("free", start, prob)
+        token, prob = self._answer(FREE.label, start, prob)
         if blocked is not None and blocked[token]:
             raise BenchError(f"the scenario's token {token} at output position {self._cursor} is blocked at this "
                              f"free step (a coordinate or special token inside a phrase, or a padding row)")
@@ -75,7 +76,7 @@ class ScriptedHead:
     def choose_range(self, hidden: np.ndarray, start: int, stop: int, extra: tuple[int, ...] = ()) -> tuple[int, float]:
         began = time.perf_counter()
         _, prob = self.inner.choose_range(hidden, start, stop, extra)
-        token, prob = self._answer("coord", began, prob)
+        token, prob = self._answer(COORD.label, began, prob)
         if not (start <= token < stop or token in extra):
             raise BenchError(f"the scenario's token {token} at output position {self._cursor} is not allowed at a "
                              f"coordinate step ({start}..{stop - 1} or {list(extra)})")
@@ -84,7 +85,7 @@ class ScriptedHead:
     def choose_ids(self, hidden: np.ndarray, ids: tuple[int, ...]) -> tuple[int, float]:
         start = time.perf_counter()
         _, prob = self.inner.choose_ids(hidden, ids)
-        token, prob = self._answer("choice", start, prob)
+        token, prob = self._answer(CHOICE.label, start, prob)
         if token not in ids:
             raise BenchError(f"the scenario's token {token} at output position {self._cursor} is not one of the "
                              f"choice step's ids {list(ids)}")

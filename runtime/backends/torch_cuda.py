@@ -36,6 +36,7 @@ from rexedge.runtime.backends.base import (
 )
 from rexedge.runtime.backends.device_head import DeviceHead, capture
 from rexedge.runtime.decode.head import Sampling
+from rexedge.runtime.decode.loop import MAX_STEP_TOKENS
 
 try:
     import torch
@@ -45,7 +46,7 @@ except ImportError:  # the runtime core installs without torch
 if TYPE_CHECKING:
     from rexedge.runtime.request.preprocess import PreprocessedImage
 
-MAX_APPEND = 64   # the most tokens one step appends (the decode loop's jump-forward buffer)
+MAX_APPEND = MAX_STEP_TOKENS   # the most tokens one step appends: the decode loop's jump-forward buffer
 
 
 def require_cuda(device: str) -> None:

@@ -74,11 +74,20 @@ MAX_TOKEN_ID = 2**31 - 1
 
 
 class NextKind(IntEnum):
+    """What ``next()`` allows; also the decode loop's step kinds (``label`` names them in step counts).
+
+    The C core takes these members in ``kinds`` and returns them, in this order (its KIND_* codes)."""
+
     FREE = 0
     COORD = 1
     CHOICE = 2
     FORCED = 3
     DONE = 4
+
+    @property
+    def label(self) -> str:
+        """The kind's name in ``Generation.steps`` and the benchmarks' step records."""
+        return self.name.lower()
 
 
 FREE, COORD, CHOICE, FORCED, DONE = NextKind

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rexedge.runtime.backends.base import Backend
-from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE
+from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE, NextKind
 from rexedge.runtime.decode.head import Head
 from rexedge.runtime.decode.phrases import PhraseTable
 from rexedge.runtime.errors import RexEdgeError
@@ -49,8 +49,8 @@ from rexedge.runtime.request.tokenizer import TokenIds
 from rexedge.runtime.results.detections import Detection
 
 MODES = ("exact", "structured")
-# The most tokens one backend step appends: the loop's host buffers, and the CUDA backend's
-# jump-forward buffer (TorchCudaBackend's MAX_APPEND) holds as many.
+# The most tokens one backend step appends: the loop's host buffers; the CUDA backend sizes its
+# jump-forward buffer (MAX_APPEND) from it.
 MAX_STEP_TOKENS = 64
 
 
@@ -157,45 +157,47 @@ class DecodeLoop:
             self._blocked_by_allowed[key] = blocked
         return blocked
 
-    def _what_next(self, grammar, phrases: PhraseTable | None, phrase: tuple[int, ...]) -> tuple[str, tuple[int, ...], bool]:
-        """(kind, ids, in_phrase): ``done``; ``forced`` (ids follow in order); or the head chooses at a
-        ``free`` (ids: what a phrase may use besides text, or () for anything), ``coord`` or ``choice`` step."""
+    def _what_next(self, grammar, phrases: PhraseTable | None,
+                   phrase: tuple[int, ...]) -> tuple[NextKind, tuple[int, ...], bool]:
+        """(kind, ids, in_phrase): DONE; FORCED (ids follow in order); or the head chooses at a FREE
+        (ids: what a phrase may use besides text, or () for anything), COORD or CHOICE step."""
         kind, allowed = grammar.next()
         if kind == DONE:
-            return "done", (), False
+            return DONE, (), False
         if self.mode == "exact":
-            return "free", (), False
-        if kind == FREE:
+            return FREE, (), False
+        if kind == FREE and allowed:
             # a FREE step with ids is phrase text: no coordinate or special token but those ids
-            if allowed and phrases is not None:
+            if phrases is not None:
                 forced, options = phrases.get(phrase, (True, allowed))
-                return ("forced" if forced else "choice"), options, True
-            return "free", allowed, bool(allowed)
-        return {COORD: "coord", CHOICE: "choice", FORCED: "forced"}[kind], allowed, False
+                return (FORCED if forced else CHOICE), options, True
+            return FREE, allowed, True
+        return kind, allowed, False
 
-    def _choose(self, kind: str, allowed: tuple[int, ...], in_phrase: bool, hidden: np.ndarray) -> tuple[int, float]:
+    def _choose(self, kind: NextKind, allowed: tuple[int, ...], in_phrase: bool,
+                hidden: np.ndarray) -> tuple[int, float]:
         ids, head = self.ids, self.head
-        if kind == "coord":
+        if kind == COORD:
             return head.choose_range(hidden, ids.coord_start, ids.coord_start + ids.num_coords, allowed)
-        if kind == "choice":
+        if kind == CHOICE:
             return head.choose_ids(hidden, allowed)
         # exact mode is the reference's full vocabulary, padding rows included
         return head.choose_full(hidden, None if self.mode == "exact" else self._blocked(allowed, in_phrase))
 
     def _next_run(self, grammar, phrases: PhraseTable | None, answer: _Answer, hidden: np.ndarray,
-                  room: int) -> tuple[str, list[int], str | None]:
+                  room: int) -> tuple[NextKind, list[int], str | None]:
         """Decide the tokens of the next backend step, adding each to ``answer``: the head's choice at
         ``hidden`` (unless the grammar forces what comes first), then every forced token after it.
 
         Returns (step kind, tokens, stop reason or None). ``room``: KV slots left; once the tokens
         so far overflow it no forced run is added, so the output ends with the run (a chosen token,
         or one forced run) that first did not fit."""
-        step_kind, tokens = "forced", []
+        step_kind, tokens = FORCED, []
         while len(answer.tokens) < self.limits.max_new_tokens:
             kind, allowed, in_phrase = self._what_next(grammar, phrases, answer.phrase)
-            if kind == "done":
+            if kind == DONE:
                 return step_kind, tokens, "grammar_done"
-            if kind == "forced":
+            if kind == FORCED:
                 if len(tokens) > room:
                     return step_kind, tokens, None
                 new = [(t, 1.0) for t in allowed[: self.limits.max_new_tokens - len(answer.tokens)]]
@@ -239,7 +241,7 @@ class DecodeLoop:
         prefill_s = time.perf_counter() - t0
 
         answer = _Answer(ids, grammar, self.limits, self._stop_ids)
-        steps = {"free": 0, "coord": 0, "choice": 0, "forced": 0}
+        steps = {kind.label: 0 for kind in (FREE, COORD, CHOICE, FORCED)}
         backend_s = 0.0
         cache_len = len(prompt_ids)
         t1 = time.perf_counter()
@@ -254,7 +256,7 @@ class DecodeLoop:
                 chunk = tokens[start:start + MAX_STEP_TOKENS]
                 hidden = self._step(chunk, cache_len, rope_delta)
                 cache_len += len(chunk)
-                steps[kind if start == 0 else "forced"] += 1
+                steps[(kind if start == 0 else FORCED).label] += 1
             backend_s += time.perf_counter() - ts
         return Generation(token_ids=answer.tokens, detections=answer.detections, stop_reason=stop_reason,
                           prefill_s=prefill_s, decode_s=time.perf_counter() - t1, backend_s=backend_s, steps=steps,
