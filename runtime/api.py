@@ -6,7 +6,7 @@
     result["extracted_predictions"]                    # the official parser's dictionary
     result["detections"]                               # typed, with per-box scores
 
-Each result dictionary has the official wrapper's keys (``success``, ``image_size``,
+Each result dictionary (``rexedge.runtime.results.result.Result.to_official``) has the official wrapper's keys (``success``, ``image_size``,
 ``resized_size``, ``task``, ``prompt``, ``raw_output``, ``extracted_predictions``,
 ``inference_time``, ``num_output_tokens``, ``num_prompt_tokens``, ``generation_time``,
 ``tokens_per_second``) plus ``output_token_ids``, ``detections``, ``absent`` (phrases
@@ -46,6 +46,7 @@ from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInpu
 from rexedge.runtime.request.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt, build_task_prompt, encode_prompt
 from rexedge.runtime.request.tokenizer import Tokenizer
 from rexedge.runtime.results.parse import parse_prediction
+from rexedge.runtime.results.result import Result, Timings
 
 # tasks whose phrases name a requested category (OCR phrases are recognized text)
 PHRASE_CONSTRAINED_TASKS = ("detection", "pointing")
@@ -152,7 +153,7 @@ class RexOmni:
                                time.perf_counter() - t0, phrases)
 
     def run(self, prepared: PreparedRequest) -> dict[str, Any]:
-        """The backend half: encode the image, decode, parse; one result dictionary."""
+        """The backend half: encode the image, decode, parse; one result dictionary (``Result.to_official``)."""
         pre, grammar = prepared.image, prepared.grammar
         t1 = time.perf_counter()
         image_embeds = self.backend.encode_image(pre)
@@ -164,35 +165,15 @@ class RexOmni:
         extracted = parse_prediction(raw_output, width, height, prepared.task)
         # preparation may have run ahead on another thread: count its own time, not the wait since
         total = prepared.preprocess_s + time.perf_counter() - t1
-        generation_time = gen.prefill_s + gen.decode_s
-        return {
-            "success": True,
-            "image_size": pre.image_size,
-            "resized_size": pre.resized_size,
-            "task": prepared.task,
-            "prompt": prepared.task_prompt.text,
-            "raw_output": raw_output,
-            "extracted_predictions": extracted,
-            "inference_time": total,
-            "num_output_tokens": len(gen.token_ids),
-            "num_prompt_tokens": len(prepared.prompt_ids),
-            "generation_time": generation_time,
-            "tokens_per_second": len(gen.token_ids) / gen.decode_s if gen.decode_s > 0 else 0.0,
-            "output_token_ids": gen.token_ids,
-            "detections": gen.detections,
-            "absent": grammar.absent,
-            "stop_reason": gen.stop_reason,
-            "padding_tokens": self.tokenizer.count_textless(gen.token_ids),
-            "timings": {
-                "preprocess_s": prepared.preprocess_s,
-                "vision_s": t2 - t1,
-                "prefill_s": gen.prefill_s,
-                "decode_s": gen.decode_s,
-                "decode_backend_s": gen.backend_s,
-                "decode_host_s": gen.decode_s - gen.backend_s,
-                "steps": gen.steps,
-            },
-        }
+        return Result(
+            task=prepared.task, image_size=pre.image_size, resized_size=pre.resized_size,
+            prompt=prepared.task_prompt.text, raw_output=raw_output, extracted_predictions=extracted,
+            inference_time=total, output_token_ids=gen.token_ids, num_prompt_tokens=len(prepared.prompt_ids),
+            detections=gen.detections, absent=grammar.absent, stop_reason=gen.stop_reason,
+            padding_tokens=self.tokenizer.count_textless(gen.token_ids),
+            timings=Timings(preprocess_s=prepared.preprocess_s, vision_s=t2 - t1, prefill_s=gen.prefill_s,
+                            decode_s=gen.decode_s, decode_backend_s=gen.backend_s, steps=gen.steps)
+        ).to_official()
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ids the model produced; padding rows of the embedding (no text) decode to nothing."""

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.results.result import Result
 
 
 def _tiny_checkpoint(args: argparse.Namespace) -> None:
@@ -49,20 +50,12 @@ def _calibrate(args: argparse.Namespace) -> None:
     calibrate_command(args)
 
 
-def _result_json(source: str, result: dict) -> dict:
-    from rexedge.runtime.pipelines.batch import result_record
-
-    return {"image": source, **result_record(result)}
-
-
-def _annotate(image, result: dict, out: Path) -> None:
+def _annotate(image, result: Result, out: Path) -> None:
     from rexedge.runtime.request.preprocess import load_image
     from rexedge.runtime.results.draw import draw_detections
 
-    # keypoint answers are parsed from the text; every other task has typed detections with scores
-    drawn = result["extracted_predictions"] if result["task"] == "keypoint" else result["detections"]
     try:
-        draw_detections(load_image(image), drawn).save(out)
+        draw_detections(load_image(image), result.drawable).save(out)
     except OSError as e:
         raise RexEdgeError(f"--annotate {out}: cannot write the image ({e})") from None
 
@@ -105,15 +98,16 @@ def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_
     records, failures = [], []
     for index, (image, name) in enumerate(zip(images, names)):
         try:
-            [result] = model.inference(image, task=args.task, categories=categories,
-                                       keypoint_type=args.keypoint_type, visual_prompt_boxes=boxes)
+            [official] = model.inference(image, task=args.task, categories=categories,
+                                         keypoint_type=args.keypoint_type, visual_prompt_boxes=boxes)
+            result = Result.from_official(official)
         except RexEdgeError as e:
             # errors about the file name it already; the others (e.g. a box outside it) get its name
             message = str(e) if str(e).startswith(str(name)) else f"{name}: {e}"
             records.append({"image": name, "success": False, "error": message})
             failures.append(message)
             continue
-        records.append(_result_json(name, result))
+        records.append({"image": name, **result.to_json()})
         if args.annotate:
             out = Path(args.annotate)
             if len(images) > 1:

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from rexedge.runtime.cli.options import parse_boxes, parse_categories
-from rexedge.runtime.pipelines.batch import result_record
 from rexedge.runtime.pipelines.stream import StreamError, StreamResult, import_cv2
+from rexedge.runtime.results.result import Result
 
 # the annotated video's codec by file suffix (both ship with the PyPI OpenCV wheels)
 FOURCC = {".mp4": "mp4v", ".avi": "MJPG"}
@@ -28,19 +28,17 @@ READOUT_WINDOW = 30       # frames in the running latency median
 
 
 def frame_record(r: StreamResult) -> dict[str, Any]:
-    return {"frame": r.index, "timestamp": r.timestamp, "latency_s": r.latency, **result_record(r.result)}
+    return {"frame": r.index, "timestamp": r.timestamp, "latency_s": r.latency, **r.typed.to_json()}
 
 
-def annotate_frame(frame: np.ndarray, result: dict[str, Any], channel_order: str) -> np.ndarray:
+def annotate_frame(frame: np.ndarray, result: Result, channel_order: str) -> np.ndarray:
     """The frame with the result drawn on, in the same channel order."""
     from PIL import Image
 
     from rexedge.runtime.results.draw import draw_detections
 
     rgb = frame[..., ::-1] if channel_order == "bgr" else frame
-    # keypoint answers are parsed from the text; every other task has typed detections with scores
-    drawn = result["extracted_predictions"] if result["task"] == "keypoint" else result["detections"]
-    out = np.asarray(draw_detections(Image.fromarray(np.ascontiguousarray(rgb)), drawn))
+    out = np.asarray(draw_detections(Image.fromarray(np.ascontiguousarray(rgb)), result.drawable))
     return np.ascontiguousarray(out[..., ::-1]) if channel_order == "bgr" else out
 
 
@@ -98,7 +96,7 @@ def video_command(args: argparse.Namespace) -> None:
                     sink.write(json.dumps(frame_record(r)) + "\n")
                     sink.flush()
                     if annotated is not None:
-                        annotated.write(annotate_frame(r.frame, r.result, stream.channel_order))
+                        annotated.write(annotate_frame(r.frame, r.typed, stream.channel_order))
                     recent.append(r.latency)
                     latency_sum += r.latency
                     bar.update(1)

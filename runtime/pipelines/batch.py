@@ -49,7 +49,8 @@ from tqdm import tqdm
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.request.preprocess import ImageError
 from rexedge.runtime.request.prompts import build_task_prompt, keypoint_names
-from rexedge.runtime.results.detections import detections_from_json, detections_to_json
+from rexedge.runtime.results.detections import detections_from_json
+from rexedge.runtime.results.result import Result
 
 if TYPE_CHECKING:
     from rexedge.runtime.api import PreparedRequest, RexOmni
@@ -57,11 +58,6 @@ if TYPE_CHECKING:
 LIST_SUFFIXES = (".txt", ".lst")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 RECORD_START = b'{"image": '   # how every line starts (json.dumps of a dict whose first key is "image")
-# the result fields each ok line carries (the official dictionary's, less what JSON cannot hold)
-# the official wrapper's keys (token ids left out), then rexedge's
-RESULT_FIELDS = ("success", "task", "image_size", "resized_size", "prompt", "raw_output", "extracted_predictions",
-                 "inference_time", "num_output_tokens", "num_prompt_tokens", "generation_time", "tokens_per_second",
-                 "absent", "stop_reason", "padding_tokens", "timings")
 # visual prompts are checked per image against its size; for the up-front check of the request any box fits
 _ANY_SIZE = (1 << 30, 1 << 30)
 
@@ -206,11 +202,11 @@ def image_record(model: RexOmni, path: str, request: dict[str, Any],
     record: dict[str, Any] = {"image": path, "sha256": sha256}
     if request_ready is not None:
         try:
-            result = model.run(request_ready)
+            result = Result.from_official(model.run(request_ready))
         except Exception as e:  # one image's failure is its error line; the run goes on
             error = e
         else:
-            record.update(status="ok", request=request, **result_record(result))
+            record.update(status="ok", request=request, **result.to_json())
             return record
     record.update(status="error", request=request, error=f"{type(error).__name__}: {error}")
     return record
@@ -232,11 +228,6 @@ def finish_batch(plan: BatchPlan) -> BatchSummary:
     if plan.coco is not None:
         _write_coco(plan.out, plan.request, plan.coco, plan.summary)
     return plan.summary
-
-
-def result_record(result: Mapping[str, Any]) -> dict[str, Any]:
-    """The JSON-serialisable fields of one ``RexOmni.inference`` result."""
-    return {**{key: result[key] for key in RESULT_FIELDS}, "detections": detections_to_json(result["detections"])}
 
 
 def prepare_image(model: RexOmni, path: str, request: dict[str, Any]

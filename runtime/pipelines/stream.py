@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.results.detections import Result
+from rexedge.runtime.results.detections import Item
+from rexedge.runtime.results.result import Result
 
 if TYPE_CHECKING:
     from rexedge.runtime.api import PreparedRequest, RexOmni
@@ -70,10 +71,18 @@ class StreamResult:
 
     index: int
     timestamp: float
-    detections: list[Result]
     latency: float        # seconds from the frame being read to its result (waiting included)
-    result: dict[str, Any]  # the full ``RexOmni.inference`` dictionary
+    typed: Result         # the frame's result (``result`` is its dictionary)
     frame: np.ndarray     # the frame, in the source's channel order (``FrameStream.channel_order``)
+
+    @property
+    def detections(self) -> list[Item]:
+        return self.typed.detections
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """The full ``RexOmni.inference`` dictionary."""
+        return self.typed.to_official()
 
 
 @dataclass
@@ -345,10 +354,10 @@ class FrameStream:
                     frame, prepared = self._ready.get() if self._ready is not None else self._prepare_next()
                 except _Closed:
                     break
-                result = self.model.run(prepared)
+                result = Result.from_official(self.model.run(prepared))
                 latency = time.perf_counter() - frame.read_at
                 self._counts.processed += 1
-                yield StreamResult(frame.index, frame.timestamp, result["detections"], latency, result, frame.image)
+                yield StreamResult(frame.index, frame.timestamp, latency, result, frame.image)
             if self._error is not None:
                 raise self._error
         finally:

@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.results.detections import UNVISIBLE, Results, flat_coords, official_entries
+from rexedge.runtime.results.detections import UNVISIBLE, Items, flat_coords, official_entries
 
 DEFAULT_SCORE = 1.0
 
@@ -37,7 +37,7 @@ class CocoResults(NamedTuple):
     unmatched: dict[str, int]  # phrase -> number of its results left out because it has no category id
 
 
-def to_coco_results(results: Results, image_id: int, category_ids: Mapping[str, int],
+def to_coco_results(results: Items, image_id: int, category_ids: Mapping[str, int],
                     keypoint_names: Sequence[str] | None = None) -> CocoResults:
     """COCO result dicts for one image, plus the phrases that had no category id.
 

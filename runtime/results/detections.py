@@ -70,9 +70,9 @@ class KeypointInstance:
                 "instance_id": self.instance_id}
 
 
-Result = Union[Detection, KeypointInstance]
+Item = Union[Detection, KeypointInstance]   # one found thing (the whole answer is a ``result.Result``)
 OfficialDict = Mapping[str, Sequence[Mapping[str, Any]]]
-Results = Union[Sequence[Result], OfficialDict]
+Items = Union[Sequence[Item], OfficialDict]
 
 
 def bins_to_pixels(bins: Sequence[int], width: int, height: int) -> tuple[float, ...]:
@@ -80,7 +80,7 @@ def bins_to_pixels(bins: Sequence[int], width: int, height: int) -> tuple[float,
     return tuple(b / 999 * (width if i % 2 == 0 else height) for i, b in enumerate(bins))
 
 
-def to_official(results: Iterable[Result], absent: Iterable[str] = ()) -> dict[str, list[dict[str, Any]]]:
+def to_official(results: Iterable[Item], absent: Iterable[str] = ()) -> dict[str, list[dict[str, Any]]]:
     """The official Rex-Omni dictionary for typed results (e.g. the grammar's detections).
 
     absent: phrases the model answered "None"; they appear with an empty list, as in the
@@ -98,7 +98,7 @@ def to_official(results: Iterable[Result], absent: Iterable[str] = ()) -> dict[s
     return official
 
 
-def official_entries(results: Results) -> list[tuple[str, dict[str, Any], float | None]]:
+def official_entries(results: Items) -> list[tuple[str, dict[str, Any], float | None]]:
     """(phrase, official entry, score) for each result, from typed results or an official dict.
 
     The exporters (COCO, drawing, JSON) read this one shape. Official dictionaries carry
@@ -117,7 +117,7 @@ def official_entries(results: Results) -> list[tuple[str, dict[str, Any], float 
     return [(result.phrase.strip(), result.to_official(), result.score) for result in _typed(results)]
 
 
-def _typed(results: Iterable[Result]) -> list[Result]:
+def _typed(results: Iterable[Item]) -> list[Item]:
     if isinstance(results, (str, bytes)) or not isinstance(results, Iterable):
         raise ResultFormatError(
             "results: expected a list of Detection / KeypointInstance or an official dict, "
@@ -141,7 +141,7 @@ def _check_official_entry(phrase: str, item: Any) -> None:
         f"or type keypoint with bbox and keypoints; got {item!r}")
 
 
-def detections_to_json(results: Results) -> list[dict[str, Any]]:
+def detections_to_json(results: Items) -> list[dict[str, Any]]:
     """Plain, JSON-serialisable dicts, one per result (for JSONL output).
 
     A geometry: {"phrase", "type", "coords" (flat x, y, ...), "bins" (None when read from
@@ -154,7 +154,7 @@ def detections_to_json(results: Results) -> list[dict[str, Any]]:
     return [_typed_json(result) for result in _typed(results)]
 
 
-def _typed_json(result: Result) -> dict[str, Any]:
+def _typed_json(result: Item) -> dict[str, Any]:
     if isinstance(result, KeypointInstance):
         return {"phrase": result.phrase, "type": "keypoint", "instance_id": result.instance_id,
                 "bbox": list(result.bbox.coords), "bbox_bins": list(result.bbox.bins),
@@ -173,9 +173,9 @@ def _official_entry_json(phrase: str, entry: dict[str, Any]) -> dict[str, Any]:
     return {"phrase": phrase, "type": entry["type"], "coords": flat_coords(entry), "bins": None, "score": None}
 
 
-def detections_from_json(items: Iterable[Mapping[str, Any]]) -> list[Result]:
+def detections_from_json(items: Iterable[Mapping[str, Any]]) -> list[Item]:
     """Typed results back from ``detections_to_json`` output written by rexedge (bins required)."""
-    results: list[Result] = []
+    results: list[Item] = []
     for item in items:
         try:
             if item["type"] == "keypoint":

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from PIL import Image, ImageDraw, ImageFont
 
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.results.detections import UNVISIBLE, Results, flat_coords, official_entries
+from rexedge.runtime.results.detections import UNVISIBLE, Items, flat_coords, official_entries
 
 Colour = tuple[int, int, int]
 
@@ -52,7 +52,7 @@ def phrase_colours(phrases: Iterable[str]) -> dict[str, Colour]:
     return colours
 
 
-def draw_detections(image: Image.Image, results: Results, line_width: int | None = None,
+def draw_detections(image: Image.Image, results: Items, line_width: int | None = None,
                     point_radius: int | None = None, show_labels: bool = True,
                     font: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None) -> Image.Image:
     """A new RGB image with the results drawn on (the input image is not modified).

@@ -43,7 +43,7 @@ from collections.abc import Iterator
 
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.request.prompts import TASKS
-from rexedge.runtime.results.detections import Detection, KeypointInstance, Result, bins_to_pixels, to_official
+from rexedge.runtime.results.detections import Detection, KeypointInstance, Item, bins_to_pixels, to_official
 
 _IM_END = "<|im_end|>"
 _BOX_END = "<|box_end|>"
@@ -74,7 +74,7 @@ def parse_prediction(text: str, width: int, height: int, task: str) -> dict:
     return official
 
 
-def parse_results(text: str, width: int, height: int, task: str) -> list[Result]:
+def parse_results(text: str, width: int, height: int, task: str) -> list[Item]:
     """The same answer as ``parse_prediction``, typed: Detections, or KeypointInstances for keypoint.
 
     Phrases that parsed to nothing (e.g. "None") have no typed result; ``parse_prediction``
