@@ -29,6 +29,7 @@ from rexedge.bench.runners import STAGES, RexedgeRunner, Run
 from rexedge.bench.scenarios import DEFAULT_SCENARIOS, BenchError, Scenario, forced_response, parse_scenario, synthetic_image
 from rexedge.bench.scripted import STEP_KINDS
 from rexedge.runtime.config import PRESETS, RexOmniConfig
+from rexedge.runtime.manifest import MANIFEST
 
 SCHEMA = "rexedge-bench/1"
 BASELINES = ("transformers",)
@@ -56,7 +57,7 @@ def resolve_model(model: str, backends: Sequence[str], baseline: str | None, pre
         log(f"bench: writing a random {model} checkpoint ({dtype}) to {workdir}")
         checkpoint = write_tiny_checkpoint(workdir / "checkpoint", preset=model, dtype=dtype)
         config, bundle = RexOmniConfig.from_json(checkpoint), None
-    elif (path / "manifest.json").is_file():
+    elif (path / MANIFEST).is_file():
         if needs_checkpoint:
             raise BenchError(f"--model {model} is a bundle: {', '.join(needs_checkpoint)} need(s) a checkpoint "
                              f"directory (or a preset name)")

@@ -18,6 +18,7 @@ import numpy as np
 from rexedge.bench.metrics import ByteModel
 from rexedge.bench.scenarios import BenchError, Scenario, forced_response
 from rexedge.bench.scripted import ScriptedHead, StepRecord, TimedBackend
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.decode.head import Sampling
 from rexedge.runtime.decode.loop import DecodeLoop, Limits
 
@@ -56,7 +57,7 @@ class RexedgeRunner:
         bundle = getattr(backend, "bundle", None)
         head_bytes = backend.embed_table.dtype.itemsize
         if bundle is not None:  # exported graphs: the decoder's weight file is exactly what a step reads
-            weight_bytes = bundle.manifest["files"][bundle.decoder.data]["bytes"]
+            weight_bytes = bundle.manifest[schema.FILES][bundle.decoder.data]["bytes"]
             value_bytes = 2 if bundle.precision == "fp16" else 4
             return ByteModel(self.config, weight_bytes, value_bytes, head_bytes)
         from rexedge.bench.metrics import decoder_weight_count

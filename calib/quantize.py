@@ -47,7 +47,8 @@ from rexedge.calib.dataset import (
     plan_samples,
 )
 from rexedge.calib.graph_backend import GraphBackend
-from rexedge.runtime.bundle import DIGEST_KEY, INT8, Bundle, GraphSpec, load_bundle, seal_manifest, staged_bundle
+from rexedge.runtime import manifest as schema
+from rexedge.runtime.bundle import Bundle, GraphSpec, load_bundle, seal_manifest, staged_bundle
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS
 
 # Activation ranges by ONNX Runtime's MinMax calibrator, which reduces each tensor to its min and
@@ -173,11 +174,11 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, images: str | Path
         shutil.rmtree(workdir)
         for spec in (source.vision, source.decoder):  # the quantizer writes its data owner-only
             shutil.copymode(source.path(spec.file), staging / _data_file(spec))
-        for name in (source.manifest["head"]["file"], "tokenizer.json"):
+        for name in (source.manifest[schema.HEAD][schema.FILE], schema.TOKENIZER_FILE):
             shutil.copyfile(source.path(name), staging / name)
 
         summary = {key: quantized_summary(staging / spec.file)
-                   for key, spec in (("vision", source.vision), ("decoder", source.decoder))}
+                   for key, spec in ((schema.VISION, source.vision), (schema.DECODER, source.decoder))}
         failures = {**vision.failures, **decoder.failures}
         seal_manifest(staging, _int8_manifest(source, {
             "library": "onnxruntime.quantization",
@@ -193,27 +194,28 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, images: str | Path
             "decode_steps": steps,
             "max_pixels": max_pixels,
             "seed": seed,
-            "feeds": {"vision": vision.feeds_given, "decoder": decoder.feeds_given},
+            "feeds": {schema.VISION: vision.feeds_given, schema.DECODER: decoder.feeds_given},
             "graphs": summary,
             "skipped_images": failures,
-            "source_manifest_sha256": source.manifest[DIGEST_KEY],
+            "source_manifest_sha256": source.manifest[schema.DIGEST_KEY],
         }))
     return out
 
 
 def _data_file(spec: GraphSpec) -> str:
     """Where ONNX Runtime's quantizer puts a quantized graph's weights: beside it, named after it."""
-    return spec.file + ".data"
+    return spec.file + schema.DATA_SUFFIX
 
 
 def _int8_manifest(source: Bundle, quantization: dict[str, Any]) -> dict[str, Any]:
     # engines built from the fp32 graphs do not belong to the int8 ones (nor are their files copied)
-    manifest = {k: v for k, v in source.manifest.items() if k not in (DIGEST_KEY, "engines")}
-    manifest["precision"] = INT8
-    manifest["quantization"] = quantization
-    manifest["graphs"] = {**manifest["graphs"], **{key: {**manifest["graphs"][key], "data": _data_file(spec)}
-                                                   for key, spec in (("vision", source.vision),
-                                                                     ("decoder", source.decoder))}}
+    manifest = {k: v for k, v in source.manifest.items() if k not in (schema.DIGEST_KEY, schema.ENGINES)}
+    manifest[schema.PRECISION] = schema.INT8
+    manifest[schema.QUANTIZATION] = quantization
+    graphs = manifest[schema.GRAPHS]
+    manifest[schema.GRAPHS] = {**graphs, **{key: {**graphs[key], schema.DATA: _data_file(spec)}
+                                            for key, spec in ((schema.VISION, source.vision),
+                                                              (schema.DECODER, source.decoder))}}
     return manifest
 
 
@@ -223,12 +225,12 @@ def calibrate_command(args: Any) -> None:
     out = Path(args.out) if args.out else Path(args.bundle).with_name(Path(args.bundle).name + "-int8")
     path = quantize_bundle(args.bundle, out, args.images, tasks=tasks, num=args.num, steps=args.steps,
                            seed=args.seed, max_pixels=args.max_pixels, progress=not args.quiet)
-    q = load_bundle(path, verify_hashes=False).manifest["quantization"]
+    q = load_bundle(path, verify_hashes=False).manifest[schema.QUANTIZATION]
     for graph, counts in q["graphs"].items():
         print(f"{graph}: {counts['int8_matmuls']} int8 MatMuls ({counts['float_matmuls']} float: attention), "
               f"{counts['quantize_linear']} QuantizeLinear, {counts['dequantize_linear']} DequantizeLinear")
     for error in q["skipped_images"].values():
         print(f"skipped: {error}")
     size = sum(p.stat().st_size for p in path.iterdir())
-    print(f"wrote an int8 bundle ({q['samples']} samples, {q['feeds']['decoder']} decoder calls, "
+    print(f"wrote an int8 bundle ({q['samples']} samples, {q['feeds'][schema.DECODER]} decoder calls, "
           f"{size / 2**20:.1f} MiB) to {path}")

@@ -26,18 +26,14 @@ from rexedge.export.onnx.decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRES
 from rexedge.export.onnx.graph import ExternalData
 from rexedge.export.onnx.vision import MERGED, PATCHES, WINDOWS, build_vision_graph
 from rexedge.export.tensorrt.profiles import decoder_profiles, vision_profiles
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.base import DEFAULT_MAX_CONTEXT
-from rexedge.runtime.bundle import FORMAT, FORMAT_VERSION, PRECISIONS, seal_manifest, staged_bundle
+from rexedge.runtime.bundle import seal_manifest, staged_bundle
 from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.model.checkpoint import EMBED, expected_tensor_shapes, iter_checkpoint_tensors, open_checkpoint
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS
 from rexedge.runtime.request.tokenizer import Tokenizer
-
-EMBED_FILE = "embed_tokens.npy"
-TOKENIZER_FILE = "tokenizer.json"
-VISION_FILE = "vision.onnx"
-DECODER_FILE = "decoder.onnx"
 
 _DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.INT64: "int64",
                 TensorProto.INT32: "int32", TensorProto.BOOL: "bool"}
@@ -69,17 +65,17 @@ def _dim_ranges(cfg: RexOmniConfig, flavour: str) -> dict[str, dict[str, tuple[i
     longest = cfg.max_position_embeddings
     cache = ({PAST: (0, longest - 1), PRESENT: (1, longest)} if flavour == "trt" else {KV_CAPACITY: (1, longest)})
     return {
-        "vision": {PATCHES: (min_patches, max_patches), MERGED: (min_patches // cfg.merge_unit, max_merged),
+        schema.VISION: {PATCHES: (min_patches, max_patches), MERGED: (min_patches // cfg.merge_unit, max_merged),
                    WINDOWS: (1, _max_windows(cfg, max_merged))},
-        "decoder": {BATCH: (1, 1), TOKENS: (1, longest), **cache},
+        schema.DECODER: {BATCH: (1, 1), TOKENS: (1, longest), **cache},
     }
 
 
 def _trt_profiles(cfg: RexOmniConfig, key: str, graph: dict[str, Any]) -> list[dict[str, Any]]:
     """TensorRT optimization profiles of a trt-flavour bundle's graph (see :mod:`rexedge.export.tensorrt.profiles`)."""
-    if key == "vision":
-        return vision_profiles(cfg, graph["inputs"], graph["dims"])
-    return decoder_profiles(graph["inputs"], min(DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings))
+    if key == schema.VISION:
+        return vision_profiles(cfg, graph[schema.INPUTS], graph[schema.DIMS])
+    return decoder_profiles(graph[schema.INPUTS], min(DEFAULT_MAX_CONTEXT, cfg.max_position_embeddings))
 
 
 def _describe(values: Iterable[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
@@ -118,8 +114,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     import torch
     from tqdm import tqdm
 
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision {precision!r}: expected one of {list(PRECISIONS)}")
+    if precision not in schema.PRECISIONS:
+        raise ExportError(f"precision {precision!r}: expected one of {list(schema.PRECISIONS)}")
     if flavour not in FLAVOURS:
         raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
     checkpoint, out = Path(checkpoint), Path(out)
@@ -132,15 +128,15 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     _check_tokenizer(cfg, tokenizer, checkpoint)
     with staged_bundle(out, ExportError) as staging:
         np_dtype = np.float16 if precision == "fp16" else np.float32
-        vision_data = ExternalData(staging / (VISION_FILE + ".data"))
-        decoder_data = ExternalData(staging / (DECODER_FILE + ".data"))
+        vision_data = ExternalData(staging / (schema.VISION_FILE + schema.DATA_SUFFIX))
+        decoder_data = ExternalData(staging / (schema.DECODER_FILE + schema.DATA_SUFFIX))
         total = len(expected_tensor_shapes(cfg))
         with tqdm(total=total, desc="export: weights", unit="tensor", disable=not progress) as bar:
             for name, tensor, file in iter_checkpoint_tensors(checkpoint, dtype=torch.float32):
                 bar.update()
                 array = tensor.numpy()
                 if name == EMBED:
-                    np.save(staging / EMBED_FILE, array)
+                    np.save(staging / schema.HEAD_FILE, array)
                     continue
                 stored = _stored_layout(name, array).astype(np_dtype)
                 if not np.isfinite(stored).all():
@@ -153,33 +149,33 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         graphs = {}
         dims = _dim_ranges(cfg, flavour)
         for key, file, data, build in (
-            ("vision", VISION_FILE, vision_data,
+            (schema.VISION, schema.VISION_FILE, vision_data,
              lambda: build_vision_graph(cfg, vision_data.tensors, precision, flavour)),
-            ("decoder", DECODER_FILE, decoder_data,
+            (schema.DECODER, schema.DECODER_FILE, decoder_data,
              lambda: build_decoder_graph(cfg, decoder_data.tensors, precision, flavour)),
         ):
             if progress:
                 print(f"export: writing {file}", flush=True)
             model = build()
             onnx.save(model, staging / file)
-            graphs[key] = {"file": file, "data": data.path.name, "inputs": _describe(model.graph.input),
-                           "outputs": _describe(model.graph.output), "dims": dims[key]}
+            graphs[key] = schema.graph_entry(file, data.path.name, _describe(model.graph.input),
+                                             _describe(model.graph.output), dims[key])
             if flavour == "trt":
-                graphs[key]["profiles"] = _trt_profiles(cfg, key, graphs[key])
-        tokenizer.save(staging / TOKENIZER_FILE)
+                graphs[key][schema.PROFILES] = _trt_profiles(cfg, key, graphs[key])
+        tokenizer.save(staging / schema.TOKENIZER_FILE)
 
         ids = tokenizer.ids
         manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "source": {"checkpoint": checkpoint.name, "digest": opened.digest()},
-            "config": cfg.to_hf_dict(),
-            "precision": precision,
-            "flavour": flavour,
-            "tokens": asdict(ids),
-            "head": {"file": EMBED_FILE, "dtype": "float32", "shape": [cfg.vocab_size, cfg.hidden_size],
-                     "coord_rows": [ids.coord_start, ids.coord_start + ids.num_coords]},
-            "graphs": graphs,
+            schema.FORMAT_KEY: schema.FORMAT,
+            schema.VERSION_KEY: schema.FORMAT_VERSION,
+            schema.SOURCE: {"checkpoint": checkpoint.name, "digest": opened.digest()},
+            schema.CONFIG: cfg.to_hf_dict(),
+            schema.PRECISION: precision,
+            schema.FLAVOUR: flavour,
+            schema.TOKENS: asdict(ids),
+            schema.HEAD: schema.head_entry(cfg.vocab_size, cfg.hidden_size,
+                                           (ids.coord_start, ids.coord_start + ids.num_coords)),
+            schema.GRAPHS: graphs,
         }
         if progress:
             print("export: hashing files", flush=True)

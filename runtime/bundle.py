@@ -35,14 +35,31 @@ import numpy as np
 
 from rexedge.runtime.config import ConfigError, RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
-
-FORMAT = "rexedge-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-DIGEST_KEY = "manifest_sha256"
-PRECISIONS = ("fp32", "fp16")  # what `rexedge export` writes
-# what `rexedge calibrate` writes from an fp32 bundle: Q/DQ graphs, float32 inputs, outputs and KV cache
-INT8 = "int8"
+from rexedge.runtime.manifest import (
+    CONFIG,
+    DATA,
+    DECODER,
+    DIGEST_KEY,
+    DIMS,
+    FILE,
+    FILES,
+    FLAVOUR,
+    FORMAT,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    GRAPHS,
+    HEAD,
+    INPUTS,
+    INT8,
+    MANIFEST,
+    OUTPUTS,
+    PRECISION,
+    PRECISIONS,
+    TOKENIZER_FILE,
+    TOKENS,
+    VERSION_KEY,
+    VISION,
+)
 
 _HASH_CHUNK = 1 << 22
 
@@ -57,6 +74,10 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:
@@ -91,12 +112,12 @@ class Bundle:
 
     @property
     def token_ids(self) -> Mapping[str, Any]:
-        return self.manifest["tokens"]
+        return self.manifest[TOKENS]
 
     @property
     def coord_rows(self) -> tuple[int, int]:
         """[start, stop) of the coordinate tokens' rows in the embedding table."""
-        start, stop = self.manifest["head"]["coord_rows"]
+        start, stop = self.manifest[HEAD]["coord_rows"]
         return int(start), int(stop)
 
     def path(self, name: str) -> Path:
@@ -104,11 +125,11 @@ class Bundle:
 
     def load_embed_table(self, mmap: bool = True) -> np.ndarray:
         """The tied embedding [vocab, hidden] float32, memory-mapped read-only by default."""
-        head = self.manifest["head"]
-        table = np.load(self.path(head["file"]), mmap_mode="r" if mmap else None, allow_pickle=False)
+        head = self.manifest[HEAD]
+        table = np.load(self.path(head[FILE]), mmap_mode="r" if mmap else None, allow_pickle=False)
         if table.dtype != np.float32 or list(table.shape) != list(head["shape"]):
             raise BundleError(
-                f"{self.path(head['file'])}: holds {table.dtype} {list(table.shape)}, "
+                f"{self.path(head[FILE])}: holds {table.dtype} {list(table.shape)}, "
                 f"the manifest says float32 {head['shape']}")
         return table
 
@@ -116,10 +137,10 @@ class Bundle:
         """The bundle's tokenizer (``rexedge.runtime.request.tokenizer.Tokenizer``), checked against the manifest's ids."""
         from rexedge.runtime.request.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.from_file(self.path("tokenizer.json"))
+        tokenizer = Tokenizer.from_file(self.path(TOKENIZER_FILE))
         found = json.loads(json.dumps(asdict(tokenizer.ids)))
         if found != dict(self.token_ids):
-            raise BundleError(f"{self.path('tokenizer.json')}: its token ids differ from {MANIFEST}'s 'tokens'")
+            raise BundleError(f"{self.path(TOKENIZER_FILE)}: its token ids differ from {MANIFEST}'s '{TOKENS}'")
         return tokenizer
 
 
@@ -136,9 +157,9 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e}); the file is damaged, re-export the bundle") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a rexedge bundle manifest (no \"format\": \"{FORMAT}\")")
-    version = manifest.get("format_version")
+    if not isinstance(manifest, dict) or manifest.get(FORMAT_KEY) != FORMAT:
+        raise BundleError(f"{path}: not a rexedge bundle manifest (no \"{FORMAT_KEY}\": \"{FORMAT}\")")
+    version = manifest.get(VERSION_KEY)
     if version != FORMAT_VERSION:
         raise BundleError(
             f"{path}: bundle format version {version!r}, this rexedge reads version {FORMAT_VERSION}; "
@@ -150,9 +171,9 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
 
 def _graph(manifest: Mapping[str, Any], name: str, where: Path) -> GraphSpec:
     try:
-        g = manifest["graphs"][name]
-        return GraphSpec(file=g["file"], data=g.get("data"), inputs=tuple(g["inputs"]), outputs=tuple(g["outputs"]),
-                         dims={k: (int(lo), int(hi)) for k, (lo, hi) in g["dims"].items()})
+        g = manifest[GRAPHS][name]
+        return GraphSpec(file=g[FILE], data=g.get(DATA), inputs=tuple(g[INPUTS]), outputs=tuple(g[OUTPUTS]),
+                         dims={k: (int(lo), int(hi)) for k, (lo, hi) in g[DIMS].items()})
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{where}: graph entry {name!r} is incomplete ({e!r})") from None
 
@@ -195,8 +216,7 @@ def staged_bundle(out: Path, error: type[Exception], label: str = "") -> Iterato
 def seal_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """List every file of ``directory`` (sha256 and size) in ``manifest``, sign it, and write it there."""
     manifest = {k: v for k, v in manifest.items() if k != DIGEST_KEY}
-    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                         for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+    manifest[FILES] = {p.name: _file_entry(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST}
     manifest = json.loads(json.dumps(manifest))  # tuples -> lists, so the digest sees what a reader sees
     manifest[DIGEST_KEY] = manifest_digest(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -213,13 +233,13 @@ def update_manifest(path: str | Path, updates: Mapping[str, Any], added_files: I
     directory = Path(path)
     manifest = _read_manifest(directory)
     manifest.update(json.loads(json.dumps(dict(updates))))  # tuples -> lists, as a reader will see them
-    files = dict(manifest["files"])
+    files = dict(manifest[FILES])
     for name in added_files:
         file = directory / name
         if not file.is_file():
             raise BundleError(f"{file}: cannot be listed in {MANIFEST}, it does not exist")
-        files[name] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
-    manifest["files"] = dict(sorted(files.items()))
+        files[name] = _file_entry(file)
+    manifest[FILES] = dict(sorted(files.items()))
     manifest[DIGEST_KEY] = manifest_digest(manifest)
     staging = directory / (MANIFEST + ".partial")
     staging.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
@@ -237,20 +257,20 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     manifest = _read_manifest(directory)
     where = directory / MANIFEST
     try:
-        files = manifest["files"]
-        config = RexOmniConfig.from_dict(manifest["config"])
-        precision, flavour = manifest["precision"], manifest["flavour"]
+        files = manifest[FILES]
+        config = RexOmniConfig.from_dict(manifest[CONFIG])
+        precision, flavour = manifest[PRECISION], manifest[FLAVOUR]
     except KeyError as e:
         raise BundleError(f"{where}: missing entry {e}") from None
     except ConfigError as e:
-        raise BundleError(f"{where}: config: {e}") from None
+        raise BundleError(f"{where}: {CONFIG}: {e}") from None
     if precision not in (*PRECISIONS, INT8):
-        raise BundleError(f"{where}: precision {precision!r}, expected one of {(*PRECISIONS, INT8)}")
-    vision, decoder = _graph(manifest, "vision", where), _graph(manifest, "decoder", where)
-    needed = [vision.file, decoder.file, manifest["head"]["file"], "tokenizer.json"]
+        raise BundleError(f"{where}: {PRECISION} {precision!r}, expected one of {(*PRECISIONS, INT8)}")
+    vision, decoder = _graph(manifest, VISION, where), _graph(manifest, DECODER, where)
+    needed = [vision.file, decoder.file, manifest[HEAD][FILE], TOKENIZER_FILE]
     needed += [g.data for g in (vision, decoder) if g.data]
     unlisted = [n for n in needed if n not in files]
     if unlisted:
-        raise BundleError(f"{where}: {', '.join(unlisted)} not listed under 'files'")
+        raise BundleError(f"{where}: {', '.join(unlisted)} not listed under '{FILES}'")
     _verify_files(directory, files, verify_hashes)
     return Bundle(directory, manifest, config, precision, flavour, vision, decoder)

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.trt_engines import (
     ENGINE_PRECISIONS,
     GRAPHS,
@@ -54,17 +55,17 @@ def _source_bundle(bundle_dir: Path, precision: str, calib: str | Path | None) -
         raise EngineError(f"precision {precision!r}: expected one of {list(ENGINE_PRECISIONS)}")
     bundle = load_bundle(bundle_dir)
     if calib is not None:
-        if precision != "int8":
+        if precision != schema.INT8:
             raise EngineError("--calib names the INT8 (Q/DQ) bundle written by `rexedge calibrate`; it goes with "
                               "--precision int8 only")
         calibrated = load_bundle(calib)
-        if calibrated.manifest["source"]["digest"] != bundle.manifest["source"]["digest"]:
+        if calibrated.manifest[schema.SOURCE]["digest"] != bundle.manifest[schema.SOURCE]["digest"]:
             raise EngineError(f"{calib}: calibrated from another checkpoint than {bundle_dir} (source digests differ)")
         bundle = calibrated
     if bundle.flavour != "trt":
         raise EngineError(f"{bundle.directory}: its decoder is the {bundle.flavour!r} flavour; TensorRT needs "
                           f"`rexedge export CHECKPOINT --flavour trt`")
-    if precision == "int8":
+    if precision == schema.INT8:
         missing = [g for g in GRAPHS if not _has_qdq(bundle.path(getattr(bundle, g).file))]
         if missing:
             raise EngineError(f"{bundle.directory}: the {' and '.join(missing)} graph(s) have no QuantizeLinear/"
@@ -118,7 +119,7 @@ def _build_one(trt: Any, onnx_path: Path, profiles: list[Mapping[str, Any]], pre
     if workspace_gb is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2 ** 30))
     config.set_flag(trt.BuilderFlag.FP16)  # int8 too: layers between Q/DQ pairs run in fp16, not fp32
-    if precision == "int8":
+    if precision == schema.INT8:
         config.set_flag(trt.BuilderFlag.INT8)
     for spec in profiles:
         profile = builder.create_optimization_profile()
@@ -155,28 +156,28 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", calib: str | 
     target = current_target(trt, open_cuda(parse_cuda_device(device, "rexedge build")))
     cache = Path(timing_cache) if timing_cache is not None else None
     record = engine_record(target, precision,
-                           {g: [p["name"] for p in bundle.manifest["graphs"][g]["profiles"]] for g in GRAPHS},
+                           {g: [p["name"] for p in bundle.manifest[schema.GRAPHS][g][schema.PROFILES]] for g in GRAPHS},
                            {"workspace_gb": workspace_gb, "timing_cache": str(cache) if cache else None})
     timings = {}
     for graph in GRAPHS:
-        spec = bundle.manifest["graphs"][graph]
+        spec = bundle.manifest[schema.GRAPHS][graph]
         started = time.perf_counter()
         if progress:
             print(f"build: {graph} engine ({precision}) for {target.describe()}", flush=True)
-        blob = _build_one(trt, bundle.path(spec["file"]), spec["profiles"], precision, workspace_gb, cache,
+        blob = _build_one(trt, bundle.path(spec[schema.FILE]), spec[schema.PROFILES], precision, workspace_gb, cache,
                           progress, graph)
-        partial = bundle.path(record["files"][graph] + ".partial")
+        partial = bundle.path(record[schema.FILES][graph] + ".partial")
         partial.write_bytes(blob)
-        partial.replace(bundle.path(record["files"][graph]))
+        partial.replace(bundle.path(record[schema.FILES][graph]))
         timings[graph] = time.perf_counter() - started
-    others = [r for r in bundle.manifest.get("engines", [])
-              if not (record_target(r) == target and r["precision"] == precision)]
-    update_manifest(bundle.directory, {"engines": others + [record]}, added_files=record["files"].values())
+    others = [r for r in bundle.manifest.get(schema.ENGINES, [])
+              if not (record_target(r) == target and r[schema.PRECISION] == precision)]
+    update_manifest(bundle.directory, {schema.ENGINES: others + [record]}, added_files=record[schema.FILES].values())
     if progress:
         for graph in GRAPHS:
-            size = bundle.path(record["files"][graph]).stat().st_size
-            print(f"build: {record['files'][graph]}  {size / 2 ** 20:.1f} MiB  {timings[graph]:.0f} s")
-        print(f"build: recorded {precision} engines for {target.describe()} in {bundle.directory / 'manifest.json'}")
+            size = bundle.path(record[schema.FILES][graph]).stat().st_size
+            print(f"build: {record[schema.FILES][graph]}  {size / 2 ** 20:.1f} MiB  {timings[graph]:.0f} s")
+        print(f"build: recorded {precision} engines for {target.describe()} in {bundle.directory / schema.MANIFEST}")
     return record
 
 

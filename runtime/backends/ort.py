@@ -31,6 +31,7 @@ from rexedge.runtime.backends.base import (
     check_positions,
     check_token_ids,
 )
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.bundle import load_bundle
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ class OrtBackend(HostHeadBackend):
                                       device, disabled)
 
         self.bundle = bundle
-        self._layout_inputs = [n for n in bundle.vision.input_names() if n != "pixel_patches"]
+        self._layout_inputs = [n for n in bundle.vision.input_names() if n != schema.PIXEL_PATCHES]
         self.config = cfg
         self.tokenizer = bundle.load_tokenizer()
         self.embed_table = bundle.load_embed_table()
@@ -148,26 +149,26 @@ class OrtBackend(HostHeadBackend):
         the arrays) alive for as long as the binding is used."""
         binding = self._decoder.io_binding()
         host = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in (
-            ("inputs_embeds", embeds), ("position_ids", positions), ("seqlens_k", seqlens),
-            ("total_sequence_length", total), ("hidden_states", hidden))}
+            (schema.INPUTS_EMBEDS, embeds), (schema.POSITION_IDS, positions), (schema.SEQLENS_K, seqlens),
+            (schema.TOTAL_SEQUENCE_LENGTH, total), (schema.HIDDEN_STATES, hidden))}
         for name, value in host.items():
-            if name == "hidden_states":
+            if name == schema.HIDDEN_STATES:
                 binding.bind_ortvalue_output(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
         for i, (key, value) in enumerate(self._kv):
-            binding.bind_ortvalue_input(f"past_key_{i}", key)
-            binding.bind_ortvalue_input(f"past_value_{i}", value)
-            binding.bind_ortvalue_output(f"present_key_{i}", key)
-            binding.bind_ortvalue_output(f"present_value_{i}", value)
+            binding.bind_ortvalue_input(schema.past("key", i), key)
+            binding.bind_ortvalue_input(schema.past("value", i), value)
+            binding.bind_ortvalue_output(schema.present("key", i), key)
+            binding.bind_ortvalue_output(schema.present("value", i), value)
         return binding, list(host.values())
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)
-        feeds = {"pixel_patches": np.ascontiguousarray(image.pixel_patches, dtype=np.float32)}
+        feeds = {schema.PIXEL_PATCHES: np.ascontiguousarray(image.pixel_patches, dtype=np.float32)}
         # the other inputs are the VisionLayout arrays of the same names
         feeds.update({name: getattr(image.layout, name) for name in self._layout_inputs})
-        return self._vision.run(["image_embeds"], feeds, self._vision_run)[0]
+        return self._vision.run([schema.IMAGE_EMBEDS], feeds, self._vision_run)[0]
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Append T tokens (embeddings [T, H], positions [3, T]) with a binding made for this call."""

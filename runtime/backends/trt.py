@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
     BackendError,
@@ -79,9 +80,9 @@ class TrtBackend:
         except EngineError as e:
             raise BackendError(f"trt backend: {e}") from None
         cfg = bundle.config
-        decode_profile = _profile(bundle, "decoder", "decode")
-        longest = decode_profile["past_key_0"]["max"][2] + 1
-        self._chunk = decode_profile["inputs_embeds"]["max"][1]  # most tokens one decode call takes
+        decode_profile = _profile(bundle, schema.DECODER, "decode")
+        longest = decode_profile[schema.past("key", 0)]["max"][2] + 1
+        self._chunk = decode_profile[schema.INPUTS_EMBEDS]["max"][1]  # most tokens one decode call takes
         if not 1 <= max_context <= longest:
             raise BackendError(f"trt backend: max_context must be in 1..{longest} (the engines' decode profile), "
                                f"got {max_context}")
@@ -92,10 +93,10 @@ class TrtBackend:
 
         self._trt = trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._vision_engine = _deserialize(runtime, bundle.path(record["files"]["vision"]))
-        self._decoder_engine = _deserialize(runtime, bundle.path(record["files"]["decoder"]))
+        self._vision_engine = _deserialize(runtime, bundle.path(record[schema.FILES][schema.VISION]))
+        self._decoder_engine = _deserialize(runtime, bundle.path(record[schema.FILES][schema.DECODER]))
         self._vision = self._vision_engine.create_execution_context()
-        profiles = record["profiles"]["decoder"]
+        profiles = record[schema.PROFILES][schema.DECODER]
         self._contexts = {}
         for name in ("prefill", "decode"):
             context = self._decoder_engine.create_execution_context()
@@ -120,7 +121,7 @@ class TrtBackend:
         self._last_hidden = m.alloc(hidden * 4).owner.view(m.torch.float32) if self._device_head else None
         self._device_table = None
         self._vision_buffers: dict[str, DeviceBuffer] = {}
-        vision_profile = _profile(bundle, "vision", "image")
+        vision_profile = _profile(bundle, schema.VISION, "image")
         for spec in list(bundle.vision.inputs) + list(bundle.vision.outputs):
             shape = vision_profile[spec["name"]]["max"] if spec["name"] in vision_profile else None
             if shape is None:  # the output: image tokens x hidden
@@ -148,9 +149,9 @@ class TrtBackend:
 
     def encode_image(self, image: "PreprocessedImage") -> np.ndarray:
         check_image(self.name, image, self.config)
-        feeds = {"pixel_patches": np.ascontiguousarray(image.pixel_patches, dtype=np.float32)}
+        feeds = {schema.PIXEL_PATCHES: np.ascontiguousarray(image.pixel_patches, dtype=np.float32)}
         feeds.update({spec["name"]: np.ascontiguousarray(getattr(image.layout, spec["name"]))
-                      for spec in self.bundle.vision.inputs if spec["name"] != "pixel_patches"})
+                      for spec in self.bundle.vision.inputs if spec["name"] != schema.PIXEL_PATCHES})
         context, buffers = self._vision, self._vision_buffers
         for name, array in feeds.items():
             if array.nbytes > buffers[name].nbytes:
@@ -160,9 +161,9 @@ class TrtBackend:
             context.set_tensor_address(name, buffers[name].ptr)
             self.memory.to_device(buffers[name], array)
         out = np.empty((image.layout.reverse_index.shape[0], self.config.hidden_size), np.float32)
-        context.set_tensor_address("image_embeds", buffers["image_embeds"].ptr)
-        self._execute(context, "vision")
-        self.memory.to_host(out, buffers["image_embeds"])
+        context.set_tensor_address(schema.IMAGE_EMBEDS, buffers[schema.IMAGE_EMBEDS].ptr)
+        self._execute(context, schema.VISION)
+        self.memory.to_host(out, buffers[schema.IMAGE_EMBEDS])
         self.memory.synchronize()
         return out
 
@@ -197,18 +198,18 @@ class TrtBackend:
         """Enqueue one decoder call over the current cache side; swap sides; return the last hidden state."""
         cfg, context = self.config, self._contexts[profile]
         past, present = self._kv[self._side], self._kv[1 - self._side]
-        context.set_input_shape("inputs_embeds", (1, tokens, cfg.hidden_size))
-        context.set_input_shape("position_ids", (3, 1, tokens))
-        context.set_tensor_address("inputs_embeds", self._embeds.ptr)
-        context.set_tensor_address("position_ids", self._positions.ptr)
-        context.set_tensor_address("hidden_states", self._hidden.ptr)
+        context.set_input_shape(schema.INPUTS_EMBEDS, (1, tokens, cfg.hidden_size))
+        context.set_input_shape(schema.POSITION_IDS, (3, 1, tokens))
+        context.set_tensor_address(schema.INPUTS_EMBEDS, self._embeds.ptr)
+        context.set_tensor_address(schema.POSITION_IDS, self._positions.ptr)
+        context.set_tensor_address(schema.HIDDEN_STATES, self._hidden.ptr)
         past_shape = (1, cfg.num_key_value_heads, self._length, cfg.head_dim)
         for i in range(cfg.num_hidden_layers):
-            for j, kind in enumerate(("key", "value")):
-                context.set_input_shape(f"past_{kind}_{i}", past_shape)
-                context.set_tensor_address(f"past_{kind}_{i}", past[i][j].ptr)
-                context.set_tensor_address(f"present_{kind}_{i}", present[i][j].ptr)
-        self._execute(context, "decoder")
+            for j, kind in enumerate(schema.KV_KINDS):
+                context.set_input_shape(schema.past(kind, i), past_shape)
+                context.set_tensor_address(schema.past(kind, i), past[i][j].ptr)
+                context.set_tensor_address(schema.present(kind, i), present[i][j].ptr)
+        self._execute(context, schema.DECODER)
         last = (tokens - 1) * cfg.hidden_size * 4
         if self._device_head:
             with self.memory.torch.cuda.stream(self.memory.stream):
@@ -234,7 +235,7 @@ def _deserialize(runtime: Any, path: Path) -> Any:
 
 
 def _profile(bundle: Any, graph: str, name: str) -> dict[str, Any]:
-    for profile in bundle.manifest["graphs"][graph].get("profiles", []):
+    for profile in bundle.manifest[schema.GRAPHS][graph].get(schema.PROFILES, []):
         if profile["name"] == name:
             return profile["shapes"]
     raise BackendError(f"trt backend: {bundle.directory}: the {graph} graph has no {name!r} optimization profile; "

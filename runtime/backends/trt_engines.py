@@ -12,11 +12,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.bundle import Bundle
 from rexedge.runtime.errors import RexEdgeError
 
 ENGINE_PRECISIONS = ("fp16", "int8")
-GRAPHS = ("vision", "decoder")
+GRAPHS = (schema.VISION, schema.DECODER)
 TENSORRT_INSTALL_HINT = ("pip install rexedge[tensorrt] (tensorrt + cuda-python); on a Jetson, TensorRT comes with "
                          "JetPack 6 as the python3-libnvinfer package (sudo apt install python3-libnvinfer)")
 
@@ -52,8 +53,8 @@ def engine_record(target: Target, precision: str, profiles: Mapping[str, list[st
                   settings: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest entry of one target's engines (see the module docstring)."""
     return {"gpu": target.gpu, "compute_capability": list(target.compute_capability), "tensorrt": target.tensorrt,
-            "precision": precision, "files": {g: engine_file(g, target, precision) for g in GRAPHS},
-            "profiles": {g: list(names) for g, names in profiles.items()}, "settings": dict(settings)}
+            schema.PRECISION: precision, schema.FILES: {g: engine_file(g, target, precision) for g in GRAPHS},
+            schema.PROFILES: {g: list(names) for g, names in profiles.items()}, "settings": dict(settings)}
 
 
 def record_target(record: Mapping[str, Any]) -> Target:
@@ -62,7 +63,7 @@ def record_target(record: Mapping[str, Any]) -> Target:
 
 def select_engines(bundle: Bundle, target: Target, precision: str) -> Mapping[str, Any]:
     """The engine record of ``bundle`` for ``target`` and ``precision``; EngineError saying what is there if none."""
-    records = [r for r in bundle.manifest.get("engines", []) if r["precision"] == precision]
+    records = [r for r in bundle.manifest.get(schema.ENGINES, []) if r[schema.PRECISION] == precision]
     for record in records:
         if record_target(record) == target:
             return record

@@ -30,6 +30,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.manifest import TOKENIZER_FILE
 
 # Qwen2's pre-tokenizer split: contractions, letter runs (with one leading non-letter),
 # single digits, punctuation runs, newlines, and whitespace.
@@ -156,8 +157,8 @@ class Tokenizer:
         path = Path(path)
         if not path.is_dir():
             raise TokenizerError(f"{path}: not a directory (expected a checkpoint or bundle directory)")
-        if (path / "tokenizer.json").is_file():
-            tokenizer = cls.from_file(path / "tokenizer.json")
+        if (path / TOKENIZER_FILE).is_file():
+            tokenizer = cls.from_file(path / TOKENIZER_FILE)
             config = path / "tokenizer_config.json"
             if config.is_file() and "added_tokens_decoder" in _read_json(config):
                 tokenizer._check_agrees_with(_read_added_tokens(config), path)
@@ -196,7 +197,7 @@ class Tokenizer:
         """Write one tokenizer.json (into ``path`` if it is a directory); returns the file written."""
         path = Path(path)
         if path.is_dir():
-            path = path / "tokenizer.json"
+            path = path / TOKENIZER_FILE
         self._full.save(str(path), pretty=False)
         return path
 

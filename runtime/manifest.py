@@ -1,0 +1,77 @@
+"""The bundle's contract in names: its files, the manifest's keys, the graphs' input and output names.
+
+``rexedge export`` writes these names, calibration and ``rexedge build`` add to them, the
+runtime and the benchmarks read them: each is spelled here only. The layout and what each
+entry holds are described in :mod:`rexedge.runtime.bundle`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+FORMAT = "rexedge-bundle"
+FORMAT_VERSION = 1
+
+# files
+MANIFEST = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+HEAD_FILE = "embed_tokens.npy"
+VISION_FILE = "vision.onnx"
+DECODER_FILE = "decoder.onnx"
+DATA_SUFFIX = ".data"   # a graph's external weights beside it
+
+# weight formats: what `rexedge export` writes, and what `rexedge calibrate` writes from an fp32
+# bundle (Q/DQ graphs, float32 inputs, outputs and KV cache)
+PRECISIONS = ("fp32", "fp16")
+INT8 = "int8"
+
+# top-level keys
+FORMAT_KEY = "format"
+VERSION_KEY = "format_version"
+DIGEST_KEY = "manifest_sha256"
+SOURCE = "source"            # {"checkpoint": name, "digest": ...}
+CONFIG = "config"            # the published config.json layout
+PRECISION = "precision"
+FLAVOUR = "flavour"
+TOKENS = "tokens"            # TokenIds as a dict
+HEAD = "head"                # {"file", "dtype", "shape", "coord_rows"}
+GRAPHS = "graphs"            # {VISION: graph entry, DECODER: graph entry}
+FILES = "files"              # {file name: {"sha256", "bytes"}}
+ENGINES = "engines"          # TensorRT engine records (rexedge build)
+QUANTIZATION = "quantization"  # how an int8 bundle was calibrated
+
+VISION, DECODER = "vision", "decoder"   # the graphs
+
+# a graph entry's keys
+FILE, DATA, INPUTS, OUTPUTS, DIMS, PROFILES = "file", "data", "inputs", "outputs", "dims", "profiles"
+
+# graph inputs and outputs
+PIXEL_PATCHES = "pixel_patches"
+IMAGE_EMBEDS = "image_embeds"
+INPUTS_EMBEDS = "inputs_embeds"
+POSITION_IDS = "position_ids"
+SEQLENS_K = "seqlens_k"                          # ort flavour: total length - 1
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # ort flavour: the cache's capacity
+HIDDEN_STATES = "hidden_states"
+KV_KINDS = ("key", "value")
+
+
+def past(kind: str, layer: int) -> str:
+    """The decoder's cache input of one layer (``kind``: "key" or "value")."""
+    return f"past_{kind}_{layer}"
+
+
+def present(kind: str, layer: int) -> str:
+    """The decoder's cache output of one layer."""
+    return f"present_{kind}_{layer}"
+
+
+def head_entry(vocab_size: int, hidden_size: int, coord_rows: tuple[int, int]) -> dict[str, Any]:
+    """The manifest's ``head``: the tied embedding table, float32 [vocab, hidden], and its coordinate rows."""
+    return {FILE: HEAD_FILE, "dtype": "float32", "shape": [vocab_size, hidden_size], "coord_rows": list(coord_rows)}
+
+
+def graph_entry(file: str, data: str | None, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],
+                dims: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
+    """One graph's entry: its file, external-data file, inputs/outputs ({name, dtype, shape}), dimension ranges."""
+    return {FILE: file, DATA: data, INPUTS: inputs, OUTPUTS: outputs, DIMS: dict(dims)}
