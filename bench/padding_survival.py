@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rexedge.runtime.api import RexOmni
+from rexedge.runtime.results.result import Result
 
 
 def run(bundle: Path, requests: int, max_tokens: int, seed: int) -> dict:
@@ -31,15 +32,16 @@ def run(bundle: Path, requests: int, max_tokens: int, seed: int) -> dict:
         image = rng.integers(0, 256, (260, 200, 3), dtype=np.uint8)   # 200 wide, 260 high
         start = time.perf_counter()
         try:
-            [result] = model.inference(image, task="detection", categories=["cup", "door handle"])
+            [official] = model.inference(image, task="detection", categories=["cup", "door handle"])
+            result = Result.from_official(official)
         except Exception as error:  # what the issue saw: a request that raises is the finding
             record = {"request": index, "error": f"{type(error).__name__}: {error}"}
         else:
-            ids = result["output_token_ids"]
-            record = {"request": index, "stop_reason": result["stop_reason"], "tokens": len(ids),
-                      "padding_tokens": result["padding_tokens"],
+            ids = result.output_token_ids
+            record = {"request": index, "stop_reason": result.stop_reason, "tokens": len(ids),
+                      "padding_tokens": result.padding_tokens,
                       "padding_ids": sorted({t for t in ids if t >= vocab}),
-                      "detections": len(result["detections"])}
+                      "detections": len(result.detections)}
         record["seconds"] = round(time.perf_counter() - start, 2)
         print(json.dumps(record), flush=True)
         records.append(record)

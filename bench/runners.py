@@ -1,9 +1,9 @@
 """One timed inference of a scenario on a rexedge backend, through the public API.
 
 ``RexedgeRunner`` holds a ``RexOmni`` (the public API, so preprocessing, prompt, vision,
-prefill, the decode loop, text decoding and parsing are the ones users run) whose decode
-loop is rebuilt per scenario around a ``ScriptedHead`` and a ``TimedBackend``
-(``rexedge.bench.scripted``): the answer is forced, everything else is real.
+prefill, the decode loop, text decoding and parsing are the ones users run) and runs each
+scenario through ``RexOmni.run`` with a decode loop of its own around a ``ScriptedHead`` and a
+``TimedBackend`` (``rexedge.bench.scripted``): the answer is forced, everything else is real.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rexedge.bench.scripted import ScriptedHead, StepRecord, TimedBackend
 from rexedge.runtime import manifest as schema
 from rexedge.runtime.decode.head import Sampling
 from rexedge.runtime.decode.loop import DecodeLoop, Limits
+from rexedge.runtime.results.result import Result
 
 STAGES = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_s", "host_s", "end_to_end_s")
 
@@ -74,20 +75,21 @@ class RexedgeRunner:
         script = self.script(scenario)
         head = ScriptedHead(self.model.backend.make_head(Sampling()), script)
         timed = TimedBackend(self.model.backend, head)
-        self.model.loop = DecodeLoop(timed, head, self.model.ids, mode=scenario.decoding,
-                                     limits=Limits(max_new_tokens=len(script)))
+        loop = DecodeLoop(timed, head, self.model.ids, mode=scenario.decoding,
+                          limits=Limits(max_new_tokens=len(script)))
         gpu = GpuPeak(self.device)
-        [result] = self.model.inference(image, task=scenario.task, categories=scenario.categories)
-        if result["output_token_ids"] != script or result["stop_reason"] != "eos" \
-                or len(result["detections"]) != scenario.num_boxes:
+        prepared = self.model.prepare(image, task=scenario.task, categories=scenario.categories)
+        result = Result.from_official(self.model.run(prepared, loop=loop))
+        if result.output_token_ids != script or result.stop_reason != "eos" \
+                or len(result.detections) != scenario.num_boxes:
             raise BenchError(f"{self.name}: scenario {scenario.name} did not decode its forced answer (stop "
-                             f"{result['stop_reason']}, {len(result['detections'])}/{scenario.num_boxes} items)")
-        t = result["timings"]
+                             f"{result.stop_reason}, {len(result.detections)}/{scenario.num_boxes} items)")
+        t = result.timings
         return Run(
-            stages={"preprocess_s": t["preprocess_s"], "vision_s": t["vision_s"], "prefill_s": t["prefill_s"],
-                    "ttft_s": t["preprocess_s"] + t["vision_s"] + t["prefill_s"], "decode_s": t["decode_s"],
-                    "host_s": t["decode_host_s"], "end_to_end_s": result["inference_time"]},
-            output_tokens=len(script), boxes=len(result["detections"]), prompt_tokens=result["num_prompt_tokens"],
+            stages={"preprocess_s": t.preprocess_s, "vision_s": t.vision_s, "prefill_s": t.prefill_s,
+                    "ttft_s": t.preprocess_s + t.vision_s + t.prefill_s, "decode_s": t.decode_s,
+                    "host_s": t.decode_s - t.decode_backend_s, "end_to_end_s": result.inference_time},
+            output_tokens=len(script), boxes=len(result.detections), prompt_tokens=result.num_prompt_tokens,
             steps=timed.records, peak_gpu_bytes=gpu.peak())
 
 

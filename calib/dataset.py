@@ -204,24 +204,20 @@ class DecoderReader(_Reader):
         self._embeds: dict[Path, np.ndarray] = {}
 
     def _generate(self) -> Iterator[Feeds]:
-        backend = self.backend
+        recorded: list[Feeds] = []
+        backend = self.backend.with_hooks(decode_reserve=max(self.steps, 1), on_decoder=recorded.append)
         # the prefill alone when steps is 0: the loop's first choice needs no further call
         loop = DecodeLoop(backend, backend.make_head(Sampling()), backend.tokenizer.ids, mode="structured",
                           limits=Limits(max_new_tokens=max(self.steps, 1)))
-        backend.decode_reserve = max(self.steps, 1)
         for sample in self.samples:
             image = self._preprocess(sample.image)
             if image is not None:
                 request = build_request(backend, sample, image)
                 if sample.image not in self._embeds:
                     self._embeds[sample.image] = backend.encode_image(image)
-                recorded: list[Feeds] = []
-                backend.on_decoder = recorded.append
-                try:
-                    loop.run(request.prompt_ids, self._embeds[sample.image], request.positions, request.rope_delta,
-                             request.grammar)
-                finally:
-                    backend.on_decoder = None
+                recorded.clear()
+                loop.run(request.prompt_ids, self._embeds[sample.image], request.positions, request.rope_delta,
+                         request.grammar)
                 yield from recorded[: 1 + self.steps]
             if self.progress is not None:
                 self.progress.update()

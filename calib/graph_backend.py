@@ -17,6 +17,7 @@ Cache conventions per flavour (see :mod:`rexedge.export.onnx.decoder`):
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +87,18 @@ class GraphBackend(HostHeadBackend):
         self.on_vision, self.on_decoder = on_vision, on_decoder
         self._cache: Feeds = {}
         self._length = 0
+
+    def with_hooks(self, decode_reserve: int | None = None,
+                   on_decoder: Callable[[Feeds], None] | None = None) -> GraphBackend:
+        """A backend on this one's sessions (the weights are not loaded twice) with its own cache, this
+        ``decode_reserve`` (default: this one's) and this ``on_decoder``."""
+        reserve = self.decode_reserve if decode_reserve is None else decode_reserve
+        if reserve < 1:
+            raise BackendError(f"decode_reserve must be >= 1, got {reserve}")
+        twin = copy.copy(self)
+        twin.decode_reserve, twin.on_decoder = reserve, on_decoder
+        twin._cache, twin._length = {}, 0
+        return twin
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)
