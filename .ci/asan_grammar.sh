@@ -20,7 +20,7 @@ trap 'rm -rf "$build"' EXIT
 suffix="$(python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
 include="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
 "$cc" -shared -fPIC -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all \
-    -Wall -Wextra -Werror -std=c99 -I"$include" "$repo/runtime/_grammar.c" -o "$build/_grammar$suffix"
+    -Wall -Wextra -Werror -std=c99 -I"$include" "$repo/runtime/decode/_grammar.c" -o "$build/_grammar$suffix"
 
 cd "$repo"
 LD_PRELOAD="$("$cc" -print-file-name=libasan.so):$("$cc" -print-file-name=libubsan.so)" \

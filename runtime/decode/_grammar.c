@@ -1,6 +1,6 @@
 /* The output grammar of Rex-Omni as a per-sequence state machine: the C core.
  *
- * rexedge/runtime/grammar.py documents the grammar, the recovery rules and the API;
+ * runtime/decode/grammar.py documents the grammar, the recovery rules and the API;
  * ReferenceGrammarCore there is the plain-Python reference this file must match
  * exactly (same states, same transitions, same events). The decode loop calls next()
  * and advance() once per generated token, so both avoid allocating: next() returns a
