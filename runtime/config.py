@@ -289,3 +289,28 @@ PRESETS: dict[str, RexOmniConfig] = {
         torch_dtype="float32",
     ),
 }
+
+# The trained embedded default (rexedge.export.shapes.train): the "tiny" vocabulary, sized
+# for a few CPU hours of training on generated shapes. Position is what that task needs,
+# so the rotary is chosen to resolve image columns: in M-RoPE the width stream gets the
+# *lowest* frequencies (the last mrope_section entry), theta^(-i/(head_dim/2)) for the last
+# i. With head_dim 64, theta 100 and sections (4, 12, 16) the width frequencies run from
+# 0.1 down to 0.012 rad per column (heights 0.56 .. 0.12 per row), so one column turns the
+# width part by 10^2..10^4 times more than head_dim 32 / theta 1e6 / (4, 6, 6) did, while the
+# lowest frequency still turns only ~1 rad over 100 text tokens (text attention keeps a
+# near-constant component for content look-ups).
+PRESETS["shapes"] = PRESETS["tiny"].replace(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=100.0,
+    mrope_section=(4, 12, 16),
+    vision_depth=4,
+    vision_hidden_size=128,
+    vision_num_heads=2,
+    vision_intermediate_size=256,
+    vision_out_hidden_size=256,
+    fullatt_block_indexes=(1, 3),
+)

@@ -1,0 +1,134 @@
+"""Generated shape scenes (rexedge.export.shapes.scenes): inside the issue's domain, reproducible, answers parse back."""
+
+from __future__ import annotations
+
+from collections import Counter
+import numpy as np
+import pytest
+
+from rexedge.export.shapes.evaluate import match_count, score_scene
+from rexedge.export.shapes.scenes import CATEGORIES, COLOURS, SceneError, make_scene
+from rexedge.export.fixtures.tiny import write_tiny_checkpoint
+from rexedge.runtime.results.parse import parse_prediction
+from rexedge.runtime.request.tokenizer import Tokenizer
+
+SEEDS = range(300, 420)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return Tokenizer.from_dir(write_tiny_checkpoint(tmp_path_factory.mktemp("scenes") / "ckpt", preset="tiny"))
+
+
+def box_mask(box: tuple[float, ...], width: int, height: int) -> np.ndarray:
+    """Pixels covered by a box with integer edges, as a boolean image (an independent overlap reference)."""
+    mask = np.zeros((height, width), dtype=bool)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def test_scenes_stay_in_the_domain() -> None:
+    counts: Counter[int] = Counter()
+    seen: set[str] = set()
+    for seed in SEEDS:
+        scene = make_scene(seed)
+        width, height = scene.size
+        assert scene.image.dtype == np.uint8 and scene.image.shape == (height, width, 3)
+        assert 160 <= width <= 640 and 160 <= height <= 640
+        assert 1 <= len(scene.shapes) <= 4
+        counts[len(scene.shapes)] += 1
+        covered = np.zeros((height, width), dtype=bool)
+        masks = []
+        for shape in scene.shapes:
+            x0, y0, x1, y1 = shape.box
+            side = x1 - x0
+            assert side == y1 - y0, "boxes are squares"
+            assert 0 <= x0 and 0 <= y0 and x1 <= width and y1 <= height
+            assert 0.15 * min(width, height) - 0.5 <= side <= 0.5 * min(width, height) + 0.5
+            masks.append(box_mask(shape.box, width, height))
+            covered |= masks[-1]
+            seen.add(shape.category)
+        for i in range(len(masks)):
+            for j in range(i):
+                shared = (masks[i] & masks[j]).sum()
+                assert shared <= 0.15 * min(masks[i].sum(), masks[j].sum()) + 1e-9
+        # the background: light (each channel 130-255 before noise of sigma <= 8)
+        background = np.median(scene.image[~covered].astype(np.float32), axis=0)
+        assert np.all(background >= 130 - 2)
+        # prompt: every present category once, at most two absent ones, no repeats
+        present = {s.category for s in scene.shapes}
+        assert present <= set(scene.categories)
+        assert len(scene.categories) == len(set(scene.categories))
+        assert len(scene.absent) <= 2 and set(scene.absent).isdisjoint(present)
+        assert set(scene.categories) <= set(CATEGORIES)
+    assert set(counts) == {1, 2, 3, 4}
+    assert seen == set(CATEGORIES)
+
+
+def test_shapes_are_drawn_in_their_colour() -> None:
+    checked = 0
+    for seed in SEEDS:
+        scene = make_scene(seed)
+        for shape in scene.shapes:
+            others = [s for s in scene.shapes if s is not shape]
+            x0, y0, x1, y1 = (int(v) for v in shape.box)
+            if any(not (o.box[2] <= x0 or o.box[0] >= x1 or o.box[3] <= y0 or o.box[1] >= y1) for o in others):
+                continue  # overlapped: the centre may be under another shape
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            # the centre of a circle, a square and an upward triangle is inside the shape
+            patch = scene.image[cy - 1:cy + 2, cx - 1:cx + 2].reshape(-1, 3).astype(np.float32).mean(axis=0)
+            expected = np.array(COLOURS[shape.category.split()[0]], dtype=np.float32)
+            assert np.abs(patch - expected).max() <= 20 + 3 * 8 / 3 + 1, (seed, shape, patch)
+            checked += 1
+    assert checked > 100
+
+
+def test_scenes_are_reproducible() -> None:
+    a, b, c = make_scene(7), make_scene(7), make_scene(8)
+    assert np.array_equal(a.image, b.image) and a.shapes == b.shapes and a.categories == b.categories
+    assert not (a.image.shape == c.image.shape and np.array_equal(a.image, c.image))
+
+
+def test_curriculum_limits_the_shape_count() -> None:
+    assert all(len(make_scene(seed, max_shapes=1).shapes) == 1 for seed in range(30))
+    with pytest.raises(SceneError, match="max_shapes"):
+        make_scene(0, max_shapes=5)
+
+
+def test_answer_parses_back_to_the_boxes(tokenizer: Tokenizer) -> None:
+    for seed in range(40):
+        scene = make_scene(seed)
+        width, height = scene.size
+        text = scene.answer_text(tokenizer)
+        assert text.endswith("<|im_end|>")
+        parsed = parse_prediction(text, width, height, "detection")
+        for category in scene.categories:
+            truth = [s.box for s in scene.shapes if s.category == category]
+            boxes = [item["coords"] for item in parsed.get(category, [])]
+            assert len(boxes) == len(truth)
+            # bins are 1/999 of a side: each parsed edge is within 0.65 px of the truth (boxes >= 24 px)
+            assert match_count(boxes, truth, threshold=0.9) == len(truth)
+        assert text.count("None") == len(scene.absent)
+
+
+def test_scoring_counts_matches_once() -> None:
+    scene = next(s for s in map(make_scene, range(100))
+                 if len(s.shapes) >= 2 and sum(o.category == s.shapes[0].category for o in s.shapes) == 1)
+    exact = {}
+    for shape in scene.shapes:
+        exact.setdefault(shape.category, []).append({"type": "box", "coords": list(shape.box)})
+    assert score_scene(scene, exact) == (len(scene.shapes), len(scene.shapes), len(scene.shapes))
+    first = scene.shapes[0]
+    x0, y0, x1, y1 = first.box
+    side = x1 - x0
+    duplicated = {first.category: [{"type": "box", "coords": list(first.box)}] * 2}
+    assert score_scene(scene, duplicated) == (1, 2, len(scene.shapes))
+    # shifted by 40% of the side: IoU = 0.6 / 1.4 = 0.43 < 0.5
+    shifted = {first.category: [{"type": "box", "coords": [x0 + 0.4 * side, y0, x1 + 0.4 * side, y1]}]}
+    assert score_scene(scene, shifted) == (0, 1, len(scene.shapes))
+    # shifted by 30%: IoU = 0.7 / 1.3 = 0.54
+    shifted = {first.category: [{"type": "box", "coords": [x0 + 0.3 * side, y0, x1 + 0.3 * side, y1]}]}
+    assert score_scene(scene, shifted) == (1, 1, len(scene.shapes))
+    wrong_name = {"purple circle": [{"type": "box", "coords": list(first.box)}]}
+    assert score_scene(scene, wrong_name) == (0, 1, len(scene.shapes))
