@@ -1,0 +1,147 @@
+"""The shapes training script (rexedge.export.shapes.train) on the tiny config: it learns, resumes exactly,
+and writes a checkpoint in the published layout."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from rexedge.runtime.model.checkpoint import load_model
+from rexedge.export.shapes.train import (
+    CHECKPOINT_DIR, STATE_FILE, TrainOptions, Trainer, coord_sigma, coordinate_embeddings, forward_loss, make_example, open_trainer, scene_seed, train)
+from rexedge.export.shapes.scenes import make_scene
+from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.request.preprocess import preprocess
+
+# 112 x 112 px (16 image tokens): quick, and still every scene of the domain
+TINY = TrainOptions(preset="tiny", batch_size=2, lr=3e-3, warmup_steps=1, decay_steps=100, curriculum_steps=2,
+                    min_pixels=16 * 28 * 28, max_pixels=16 * 28 * 28)
+
+
+def held_out_loss(trainer: Trainer) -> float:
+    """Loss on fixed scenes never used in training (seeds past the training range)."""
+    o = trainer.options
+    examples = [make_example(make_scene(2**41 + i), trainer.tokenizer, trainer.cfg, o.min_pixels, o.max_pixels)
+                for i in range(4)]
+    with torch.no_grad():
+        loss, _ = forward_loss(trainer.model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
+                               trainer.tokenizer.ids.endoftext)
+    return float(loss)
+
+
+def test_loss_decreases(tmp_path: Path) -> None:
+    trainer = open_trainer(tmp_path, TINY)
+    before = held_out_loss(trainer)
+    for _ in range(12):
+        trainer.train_step()
+    after = held_out_loss(trainer)
+    # the answer's format (specials, names, separators) is learned within a few steps
+    assert after < before - 1.0, (before, after)
+
+
+def test_resume_continues_with_identical_state(tmp_path: Path) -> None:
+    straight = train(tmp_path / "straight", steps=4, options=TINY, log_every=2)
+    train(tmp_path / "resumed", steps=2, options=TINY, log_every=2)
+    # a resumed run keeps the options it was started with, whatever is passed now
+    resumed = train(tmp_path / "resumed", steps=4, options=TrainOptions(), log_every=2)
+    assert resumed.step == straight.step == 4
+    assert resumed.options == TINY
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert all(torch.equal(sa[key][k], sb[key][k]) for k in sa[key]), key
+    log = (tmp_path / "resumed" / "train.log").read_text().splitlines()
+    assert [line.split(",")[0] for line in log] == ['{"step": 2', '{"step": 4']
+
+
+def test_checkpoint_is_the_trained_model(tmp_path: Path) -> None:
+    trainer = train(tmp_path, steps=2, options=TINY, log_every=1)
+    loaded = load_model(tmp_path / CHECKPOINT_DIR)
+    trained = trainer.model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, trained[name]), name
+    assert set(loaded.state_dict()) == set(trained)
+
+
+def test_scene_seeds_are_distinct_and_clear_of_evaluation() -> None:
+    seeds = {scene_seed(0, step, i, 16) for step in range(50) for i in range(16)}
+    assert len(seeds) == 50 * 16
+    assert scene_seed(3, 10**6, 63, 64) < 2**40  # evaluation scenes start at 2**40
+
+
+def test_unknown_preset_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RexEdgeError, match="synthetic vocabulary"):
+        open_trainer(tmp_path, TrainOptions(preset="cpu-bench"))
+
+
+def test_sigterm_stops_after_the_step_and_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    step = Trainer.train_step
+
+    def step_then_signal(self: Trainer) -> dict[str, float]:
+        metrics = step(self)
+        if self.step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    trainer = train(tmp_path, steps=50, options=TINY, log_every=100, save_every_s=1e9)
+    assert trainer.step == 2
+    assert torch.load(tmp_path / STATE_FILE, weights_only=False)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
+
+
+def test_coord_sigma_goes_from_coarse_to_fine() -> None:
+    options = TrainOptions(coord_sigma=3.0, coord_sigma_start=48.0, coord_sigma_steps=400)
+    sigmas = [coord_sigma(options, step) for step in (0, 100, 200, 400, 1000)]
+    assert sigmas[0] == pytest.approx(48.0) and sigmas[3] == sigmas[4] == pytest.approx(3.0)
+    assert sigmas[1] == pytest.approx(48.0 / 2)  # geometric: halves every 100 of these 400 steps
+    assert sigmas[2] == pytest.approx(12.0)
+    assert coord_sigma(TrainOptions(coord_sigma=3.0), 0) == 3.0
+
+
+def test_coordinate_embeddings_are_smooth_in_the_bin() -> None:
+    table = coordinate_embeddings(1000, 64, seed=0, std=0.05)
+    assert table.shape == (1000, 64)
+    assert table.std().item() == pytest.approx(0.05, rel=0.2)
+    unit = torch.nn.functional.normalize(table, dim=1)
+    near = (unit[:-1] * unit[1:]).sum(dim=1).mean()
+    far = (unit[:-300] * unit[300:]).sum(dim=1).mean()
+    assert near > 0.4 > 0.1 > far  # neighbours alike, distant bins not
+
+
+def test_position_loss_targets_each_image_tokens_own_row_and_column(tmp_path: Path) -> None:
+    trainer = open_trainer(tmp_path, TrainOptions(preset="tiny", min_pixels=16 * 28 * 28, max_pixels=48 * 28 * 28))
+    o, model = trainer.options, trainer.model
+    scenes = [s for s in map(make_scene, range(2**41, 2**41 + 40)) if s.size[0] > 1.5 * s.size[1]][:1] + [make_scene(5)]
+    examples = [make_example(s, trainer.tokenizer, trainer.cfg, o.min_pixels, o.max_pixels) for s in scenes]
+    coord_rows = model.head_weight[trainer.coord_start:trainer.coord_start + trainer.num_coords].detach()
+    # the readout an oracle would give: the coordinate row of each token's column, then of its row,
+    # from the preprocessed grid (raster order), scaled so that the softmax peaks there
+    readouts = []
+    for scene in scenes:
+        rows, cols = preprocess(scene.image, o.min_pixels, o.max_pixels, cfg=trainer.cfg).merged_grid_hw
+        for k in range(rows * cols):
+            x, y = int((k % cols + 0.5) / cols * 999), int((k // cols + 0.5) / rows * 999)
+            readouts.append(torch.stack([coord_rows[b] * 40 / coord_rows[b].pow(2).sum() for b in (x, y)]).flatten())
+    oracle = torch.stack(readouts)
+
+    class Twice(torch.nn.Module):  # the trainer's readout at initialisation: the hidden state, for both axes
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return torch.cat([hidden, hidden], dim=-1)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            assert hidden.shape[0] == oracle.shape[0]
+            return oracle
+
+    with torch.no_grad():
+        _, metrics = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
+                                  trainer.tokenizer.ids.endoftext, Oracle(), 1.0)
+        _, untrained = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
+                                    trainer.tokenizer.ids.endoftext, Twice(), 1.0)
+    assert metrics["aux_mae"] < 5 < 100 < untrained["aux_mae"]
