@@ -8,7 +8,7 @@ one static hidden buffer. The graph reads its token ids, positions
 and the cache length from one static device buffer that the host fills by a single
 asynchronous copy from pinned memory, so replaying needs no capture per length.
 
-The head is :class:`rexedge.runtime.backends.device_head.DeviceHead` (on the device, one graph per
+The layers are the compact model's own, run with :class:`KernelOps`. The head is :class:`rexedge.runtime.backends.device_head.DeviceHead` (on the device, one graph per
 allowed-set shape, captured with this module's ``capture``). The only wait per token is reading
 the chosen id and its probability (16 bytes) from pinned memory.
 
@@ -171,33 +171,45 @@ class TorchCudaBackend:
         self._hidden.copy_(decode_step(self._model, self._cache, self._inputs, k, self.max_context))
 
 
+class KernelOps:
+    """The compact model's decoder ops as the Triton kernels: the decode-attention kernel (rotary + in-place
+    cache append + split-context GQA, fp32 rotary tables) and each residual add fused with the RMSNorm after
+    it, in place on the residual stream. Built per step (it holds nothing the graph replays with)."""
+
+    def __init__(self, context_bound: int, cache_len: "torch.Tensor") -> None:
+        self.context_bound = context_bound
+        self.cache_len = cache_len   # int32 [1] on the device: slots already filled
+
+    def attention_context(self, cache_position, kv_length: int) -> "torch.Tensor":
+        return self.cache_len
+
+    def rotary(self, position_ids, head_dim, theta, mrope_section, dtype):
+        from rexedge.runtime.model.compact import mrope_cos_sin
+
+        return mrope_cos_sin(position_ids, head_dim, theta, mrope_section, torch.float32)
+
+    def attention(self, q, k, v, cos, sin, key_cache, value_cache, cache_position, context):
+        from rexedge.kernels.decode_attention import decode_attention
+
+        return decode_attention(q, k, v, cos, sin, key_cache, value_cache, context, context_bound=self.context_bound)
+
+    def residual_norm(self, x, delta, norm, out):
+        from rexedge.kernels.rmsnorm import add_rms_norm
+
+        rows = x.view(-1, x.shape[-1])
+        normed = add_rms_norm(rows, None if delta is None else delta.view_as(rows), norm.weight, norm.eps,
+                              out=None if out is None else out.view_as(rows))
+        return x, normed.view_as(x)
+
+
 def decode_step(model, cache, inputs: "torch.Tensor", k: int, context_bound: int) -> "torch.Tensor":
-    """Hidden state [H] of the last of k new tokens: the compact model's decoder with the decode-attention and
-    add + RMSNorm kernels (each residual add fused with the norm after it).
+    """Hidden state [H] of the last of k new tokens: the compact model's decoder run with :class:`KernelOps`.
 
     ``inputs`` int64 [1 + 4 * MAX_APPEND] = [cache length, token ids, positions (3 x MAX_APPEND)], on the
     model's device, so a captured graph replays with new values; ``cache`` a KVCache written in place."""
-    from rexedge.kernels.decode_attention import decode_attention
-    from rexedge.kernels.rmsnorm import add_rms_norm
-    from rexedge.runtime.model.compact import mrope_cos_sin
-
-    cfg = model.config
-    layers = model.model.layers
     tokens = inputs[1:1 + k]
     positions = inputs[1 + MAX_APPEND:].view(3, MAX_APPEND)[:, None, :k]
-    cache_len = inputs[0:1].to(torch.int32)
-    x = model.embed(tokens)                                   # [k, H] residual stream, updated in place
-    cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, torch.float32)
-    first = layers[0].input_layernorm
-    h = add_rms_norm(x, None, first.weight, first.eps)
-    for i, (layer, k_cache, v_cache) in enumerate(zip(layers, cache.keys, cache.values)):
-        attn = layer.self_attn
-        q = attn.q_proj(h).view(1, k, cfg.num_attention_heads, cfg.head_dim)
-        key = attn.k_proj(h).view(1, k, cfg.num_key_value_heads, cfg.head_dim)
-        value = attn.v_proj(h).view(1, k, cfg.num_key_value_heads, cfg.head_dim)
-        out = decode_attention(q, key, value, cos, sin, k_cache, v_cache, cache_len, context_bound=context_bound)
-        post = layer.post_attention_layernorm
-        add_rms_norm(x, attn.o_proj(out.view(k, -1)), post.weight, post.eps, out=h)
-        next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else model.model.norm
-        add_rms_norm(x, layer.mlp(h), next_norm.weight, next_norm.eps, out=h)
-    return h[-1]
+    ops = KernelOps(context_bound, inputs[0:1].to(torch.int32))
+    # no cache_position: the kernels place the new tokens from ``ops.cache_len``, a device value a replay reads
+    hidden = model.decode(model.embed(tokens)[None], positions, cache, None, kv_length=context_bound, ops=ops)
+    return hidden[0, -1]

@@ -254,10 +254,48 @@ def mrope_cos_sin(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Grouped-query attention of new queries over cached keys: q [B, H, T, D];
-    k, v [B, KVH, S, D]; allowed [T, S] bool. Returns [B, H, T, D]."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+class DecoderOps:
+    """The operations a decoder layer delegates: the attention context, the rotary tables, the
+    attention with its cache append, and each residual add with the norm after it. This is the
+    plain-torch (SDPA) set, traced into no graph and run by the CPU and prefill paths; a backend
+    passes another set to :meth:`RexOmniModel.decode` (the CUDA backend: its Triton kernels), so
+    the layers themselves are written once."""
+
+    def attention_context(self, cache_position: torch.Tensor, kv_length: int) -> torch.Tensor:
+        """What every layer's attention needs besides q/k/v: here the mask [T, kv_length] that
+        lets the token at slot ``p`` see slots ``0..p``."""
+        slots = torch.arange(kv_length, device=cache_position.device)
+        return slots[None, :] <= cache_position[:, None]
+
+    def rotary(self, position_ids: torch.Tensor, head_dim: int, theta: float, mrope_section: Sequence[int],
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return mrope_cos_sin(position_ids, head_dim, theta, mrope_section, dtype)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  key_cache: torch.Tensor, value_cache: torch.Tensor, cache_position: torch.Tensor,
+                  context: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D], k / v [B, T, KVH, D] before rotary; cos / sin [B, T, D]; the caches
+        [B, KVH, S_max, D] get the new keys and values at ``cache_position``. Returns [B, T, H, D]."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        cos, sin = cos[:, None], sin[:, None]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        key_cache.index_copy_(2, cache_position, k.to(key_cache.dtype))
+        value_cache.index_copy_(2, cache_position, v.to(value_cache.dtype))
+        kv_length = context.shape[-1]
+        keys, values = key_cache[:, :, :kv_length].to(q.dtype), value_cache[:, :, :kv_length].to(q.dtype)
+        # grouped-query attention of the new queries over the cached keys
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=context, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    def residual_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm",
+                      out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, norm(x + delta)); ``out`` is the previous normed state, no longer read, that
+        a set may write the new one into."""
+        x = x if delta is None else x + delta
+        return x, norm(x)
+
+
+TORCH_OPS = DecoderOps()
 
 
 class TextAttention(nn.Module):
@@ -279,19 +317,15 @@ class TextAttention(nn.Module):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         cache_position: torch.Tensor,
-        allowed: torch.Tensor,
+        context: torch.Tensor,
+        ops: DecoderOps = TORCH_OPS,
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        key_cache.index_copy_(2, cache_position, k.to(key_cache.dtype))
-        value_cache.index_copy_(2, cache_position, v.to(value_cache.dtype))
-        kv_length = allowed.shape[-1]
-        out = cached_attention(q, key_cache[:, :, :kv_length].to(q.dtype), value_cache[:, :, :kv_length].to(q.dtype), allowed)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        out = ops.attention(q, k, v, cos, sin, key_cache, value_cache, cache_position, context)
+        return self.o_proj(out.reshape(batch, length, -1))
 
 
 class TextMLP(nn.Module):
@@ -316,15 +350,22 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        h: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         cache_position: torch.Tensor,
-        allowed: torch.Tensor,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_cache, value_cache, cache_position, allowed)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        context: torch.Tensor,
+        next_norm: RMSNorm,
+        ops: DecoderOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, its ``input_layernorm``) -> (residual stream, ``next_norm`` of it): the
+        norm after the MLP's residual add is the next layer's (or the final one), so a set of ops
+        can fuse each add with the norm that follows it."""
+        attn = self.self_attn(h, cos, sin, key_cache, value_cache, cache_position, context, ops)
+        x, h = ops.residual_norm(x, attn, self.post_attention_layernorm, h)
+        return ops.residual_norm(x, self.mlp(h), next_norm, h)
 
 
 class TextModel(nn.Module):
@@ -345,21 +386,23 @@ class TextModel(nn.Module):
         position_ids: torch.Tensor,
         key_cache: Sequence[torch.Tensor],
         value_cache: Sequence[torch.Tensor],
-        cache_position: torch.Tensor,
+        cache_position: torch.Tensor | None,
         kv_length: int | None = None,
+        ops: DecoderOps = TORCH_OPS,
     ) -> torch.Tensor:
         """inputs_embeds [B, T, H]; position_ids [3, B, T] int64; per-layer caches
-        [B, KVH, S_max, D]; cache_position [T] int64 (the slots the T new tokens take).
+        [B, KVH, S_max, D]; cache_position [T] int64 (the slots the T new tokens take; None
+        where ``ops`` places them itself).
         ``kv_length`` (a static size, >= last cache position + 1) trims attention to the
         filled prefix; by default it spans the whole buffer."""
         kv_length = key_cache[0].shape[2] if kv_length is None else kv_length
-        slots = torch.arange(kv_length, device=cache_position.device)
-        allowed = slots[None, :] <= cache_position[:, None]
-        cos, sin = mrope_cos_sin(position_ids, self.head_dim, self.rope_theta, self.mrope_section, inputs_embeds.dtype)
-        x = inputs_embeds
-        for layer, k_cache, v_cache in zip(self.layers, key_cache, value_cache):
-            x = layer(x, cos, sin, k_cache, v_cache, cache_position, allowed)
-        return self.norm(x)
+        context = ops.attention_context(cache_position, kv_length)
+        cos, sin = ops.rotary(position_ids, self.head_dim, self.rope_theta, self.mrope_section, inputs_embeds.dtype)
+        norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        x, h = ops.residual_norm(inputs_embeds, None, self.layers[0].input_layernorm, None)
+        for layer, k_cache, v_cache, next_norm in zip(self.layers, key_cache, value_cache, norms):
+            x, h = layer(x, h, cos, sin, k_cache, v_cache, cache_position, context, next_norm, ops)
+        return h
 
 
 @dataclass
@@ -430,10 +473,11 @@ class RexOmniModel(nn.Module):
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
         cache: KVCache,
-        cache_position: torch.Tensor,
+        cache_position: torch.Tensor | None,
         kv_length: int | None = None,
+        ops: DecoderOps = TORCH_OPS,
     ) -> torch.Tensor:
-        return self.model(inputs_embeds, position_ids, cache.keys, cache.values, cache_position, kv_length)
+        return self.model(inputs_embeds, position_ids, cache.keys, cache.values, cache_position, kv_length, ops)
 
     def logits(self, hidden: torch.Tensor, rows: slice | torch.Tensor | None = None) -> torch.Tensor:
         """hidden [..., H] -> logits over all ids, or only over ``rows`` (a slice of ids or an id tensor)."""
