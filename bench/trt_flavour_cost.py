@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from rexedge.bench.decode_context import (
     BENCH_CONFIG,
@@ -32,66 +31,33 @@ from rexedge.bench.decode_context import (
     time_steps,
     write_random_checkpoint,
 )
+from rexedge.runtime.backends.graph_session import PingPongSession, open_session
+from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.config import RexOmniConfig
 
 ORIN_BANDWIDTH = 204.8e9  # bytes/s, Jetson AGX Orin (docs/model.md)
 
 
 class KvInOutDecoder:
-    """The trt-flavour decoder on ONNX Runtime with ping-pong KV buffers (the trt backend's scheme)."""
+    """The trt-flavour decoder on ONNX Runtime as a ping-pong session (the trt backend's scheme), with the
+    runner interface of :func:`rexedge.bench.decode_context.time_steps`."""
 
     def __init__(self, bundle: Path, capacity: int, threads: int | None) -> None:
-        from rexedge.runtime.bundle import load_bundle
-
         b = load_bundle(bundle, verify_hashes=False)
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(b.path(b.decoder.file)), options, providers=["CPUExecutionProvider"])
         self.config, self.embed_table = b.config, b.load_embed_table()
-        cfg = self.config
-        flat = cfg.num_key_value_heads * capacity * cfg.head_dim
-        self._kv = [[(np.empty(flat, np.float32), np.empty(flat, np.float32)) for _ in range(cfg.num_hidden_layers)]
-                    for _ in range(2)]
-        self._side, self.cache_length = 0, 0
-        self._embeds = np.zeros((1, 1, cfg.hidden_size), np.float32)
-        self._positions = np.zeros((3, 1, 1), np.int64)
-        self._hidden = np.zeros((1, 1, cfg.hidden_size), np.float32)
+        self._session = PingPongSession(open_session(b.path(b.decoder.file), threads, who="trt flavour"),
+                                        b.config, capacity)
 
-    def _kv_shape(self, length: int) -> list[int]:
-        return [1, self.config.num_key_value_heads, length, self.config.head_dim]
+    @property
+    def cache_length(self) -> int:
+        return self._session.length
 
-    def prefill(self, embeds: np.ndarray, positions: np.ndarray) -> None:
-        cfg = self.config
-        feeds = {"inputs_embeds": embeds[None], "position_ids": positions[:, None, :]}
-        empty = np.zeros(self._kv_shape(0), np.float32)
-        names = [f"present_{k}_{i}" for i in range(cfg.num_hidden_layers) for k in ("key", "value")]
-        feeds.update({f"past_{k}_{i}": empty for i in range(cfg.num_hidden_layers) for k in ("key", "value")})
-        present = self.session.run(names, feeds)
-        for i in range(cfg.num_hidden_layers):
-            for j in range(2):
-                data = present[2 * i + j].reshape(-1)
-                self._kv[0][i][j][:data.size] = data
-        self._side, self.cache_length = 0, embeds.shape[0]
+    def prefill(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        self._session.reset()
+        return self._session.append(embeds, positions)
 
     def step(self, token_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        cfg, binding = self.config, self.session.io_binding()
-        self._embeds[0, 0] = self.embed_table[token_ids[0]]
-        self._positions[:, 0, 0] = positions[:, 0]
-        binding.bind_cpu_input("inputs_embeds", self._embeds)
-        binding.bind_cpu_input("position_ids", self._positions)
-        binding.bind_output("hidden_states", "cpu", 0, np.float32, list(self._hidden.shape),
-                            self._hidden.ctypes.data)
-        past, present = self._kv[self._side], self._kv[1 - self._side]
-        p = self.cache_length
-        for i in range(cfg.num_hidden_layers):
-            for j, kind in enumerate(("key", "value")):
-                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, self._kv_shape(p), past[i][j].ctypes.data)
-                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, self._kv_shape(p + 1),
-                                    present[i][j].ctypes.data)
-        self.session.run_with_iobinding(binding)
-        self._side, self.cache_length = 1 - self._side, p + 1
-        return self._hidden[0, 0]
+        return self._session.append(self.embed_table[token_ids], positions)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,8 +23,10 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from rexedge.calib.graph_backend import Feeds, GraphBackend, vision_feeds
+from rexedge.calib.graph_backend import GraphBackend
 from rexedge.runtime.api import encode_request
+from rexedge.runtime.backends.graph_session import Feeds
+from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.decode.grammar import make_grammar
 from rexedge.runtime.decode.head import Sampling
 from rexedge.runtime.decode.loop import DecodeLoop, Limits
@@ -187,7 +189,7 @@ class VisionReader(_Reader):
             if self.progress is not None:
                 self.progress.update()
             if image is not None:
-                yield vision_feeds(self.backend.bundle, image)
+                yield vision_feeds(self.backend.bundle.vision.input_names(), image)
 
 
 class DecoderReader(_Reader):

@@ -3,10 +3,9 @@
 Calibration and the INT8 quality measurement need what the ``ort`` backend hides on
 purpose: every decoder call's complete inputs, KV cache included (the calibrator runs
 the graph on exactly those), and they must work for every flavour, also the ``trt``
-one that the ``ort`` backend refuses. So here each call is a plain
-``InferenceSession.run``: the cache goes in as ``past_*`` arrays and the ``present_*``
-outputs become the next call's cache. That copies the cache every call, which is fine
-offline and is why the runtime never does it.
+one that the ``ort`` backend refuses. So the decoder runs as an
+:class:`~rexedge.runtime.backends.graph_session.ArraySession`: the cache goes in as ``past_*``
+arrays and the ``present_*`` outputs become the next call's cache.
 
 Cache conventions per flavour (see :mod:`rexedge.export.onnx.decoder`):
 - ``ort``: a fixed-capacity buffer [1, KVH, C, D] plus ``seqlens_k`` (total length - 1)
@@ -22,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.base import (
     BackendError,
     HostHeadBackend,
@@ -33,20 +32,13 @@ from rexedge.runtime.backends.base import (
     check_positions,
     check_token_ids,
 )
-from rexedge.runtime.backends.ort import DISABLED_OPTIMIZERS
+from rexedge.runtime.backends.graph_session import ArraySession, Feeds, open_session
+from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.bundle import Bundle, load_bundle
 from rexedge.runtime.request.preprocess import PreprocessedImage
 
-Feeds = dict[str, np.ndarray]
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 CACHE_FLAVOURS = ("ort", "trt")
-
-
-def vision_feeds(bundle: Bundle, image: PreprocessedImage) -> Feeds:
-    """The vision graph's inputs for one image: the patch rows and the layout arrays of the same names."""
-    feeds = {"pixel_patches": np.ascontiguousarray(image.pixel_patches, dtype=np.float32)}
-    feeds.update({name: getattr(image.layout, name) for name in bundle.vision.input_names() if name != "pixel_patches"})
-    return feeds
 
 
 class GraphBackend(HostHeadBackend):
@@ -67,26 +59,21 @@ class GraphBackend(HostHeadBackend):
                                f"(known: {', '.join(CACHE_FLAVOURS)})")
         if decode_reserve < 1:
             raise BackendError(f"decode_reserve must be >= 1, got {decode_reserve}")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
         self.bundle = bundle
         self.config = bundle.config
-        disabled = DISABLED_OPTIMIZERS.get(bundle.precision, [])
-        self._vision, self._decoder = (
-            ort.InferenceSession(str(bundle.path(spec.file)), options, providers=["CPUExecutionProvider"],
-                                 disabled_optimizers=disabled)
-            for spec in (bundle.vision, bundle.decoder))
-        self._outputs = [o.name for o in self._decoder.get_outputs()]
-        kv_input = next(i for i in bundle.decoder.inputs if i["name"] == "past_key_0")
-        self._kv_dtype = _NP_DTYPES[kv_input["dtype"]]
+        self._vision, decoder = (open_session(bundle.path(spec.file), threads, bundle.precision, who=self.name)
+                                 for spec in (bundle.vision, bundle.decoder))
+        kv_input = next(i for i in bundle.decoder.inputs if i["name"] == schema.past("key", 0))
+        self._decoder = ArraySession(decoder, self.config, bundle.flavour, _NP_DTYPES[kv_input["dtype"]], on_decoder)
         self.tokenizer = bundle.load_tokenizer()
         self.embed_table = bundle.load_embed_table()
         self.decode_reserve = decode_reserve
         self.max_context = self.config.max_position_embeddings
-        self.on_vision, self.on_decoder = on_vision, on_decoder
-        self._cache: Feeds = {}
-        self._length = 0
+        self.on_vision = on_vision
+
+    @property
+    def _length(self) -> int:
+        return self._decoder.length
 
     def with_hooks(self, decode_reserve: int | None = None,
                    on_decoder: Callable[[Feeds], None] | None = None) -> GraphBackend:
@@ -96,55 +83,36 @@ class GraphBackend(HostHeadBackend):
         if reserve < 1:
             raise BackendError(f"decode_reserve must be >= 1, got {reserve}")
         twin = copy.copy(self)
-        twin.decode_reserve, twin.on_decoder = reserve, on_decoder
-        twin._cache, twin._length = {}, 0
+        twin.decode_reserve = reserve
+        decoder = self._decoder
+        twin._decoder = ArraySession(decoder.session, self.config, decoder.flavour, decoder.kv_dtype, on_decoder)
         return twin
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)
-        feeds = vision_feeds(self.bundle, image)
+        feeds = vision_feeds(self.bundle.vision.input_names(), image)
         if self.on_vision:
             self.on_vision(feeds)
-        return self._vision.run(["image_embeds"], feeds)[0]
-
-    def _empty_cache(self, capacity: int) -> Feeds:
-        cfg = self.config
-        shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        return {f"past_{kind}_{i}": np.zeros(shape, self._kv_dtype)
-                for i in range(cfg.num_hidden_layers) for kind in ("key", "value")}
+        return self._vision.run([schema.IMAGE_EMBEDS], feeds)[0]
 
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        tokens = embeds.shape[0]
-        check_capacity(self.name, self._length, tokens, self.max_context)
-        feeds: Feeds = {"inputs_embeds": np.ascontiguousarray(embeds[None], dtype=np.float32),
-                        "position_ids": np.ascontiguousarray(positions[:, None, :], dtype=np.int64), **self._cache}
-        if self.bundle.flavour == "ort":
-            feeds["seqlens_k"] = np.array([self._length + tokens - 1], np.int32)
-            feeds["total_sequence_length"] = np.array(self._length + tokens, np.int32)
-        if self.on_decoder:
-            self.on_decoder(feeds)
-        results = dict(zip(self._outputs, self._decoder.run(self._outputs, feeds)))
-        self._cache = {name.replace("present_", "past_"): value for name, value in results.items()
-                       if name.startswith("present_")}
-        self._length += tokens
-        return results["hidden_states"][0, -1]
+        check_capacity(self.name, self._length, embeds.shape[0], self.max_context)
+        return self._decoder.append(embeds, positions)
 
     def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         embeds = check_embeds(self.name, inputs_embeds, self.config.hidden_size)
         positions = check_positions(self.name, position_ids, embeds.shape[0])
-        tokens = embeds.shape[0]
         if self.bundle.flavour == "ort":
             # the buffer's capacity is fixed once allocated: the prompt plus the tokens decoding may append
-            self.max_context = min(tokens + self.decode_reserve, self.config.max_position_embeddings)
-            self._cache = self._empty_cache(self.max_context)
+            self.max_context = min(embeds.shape[0] + self.decode_reserve, self.config.max_position_embeddings)
+            self._decoder.reset(self.max_context)
         else:
-            self._cache = self._empty_cache(0)
-        self._length = 0
+            self._decoder.reset(0)
         return self._run(embeds, positions)
 
     def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         token_ids = check_token_ids(self.name, token_ids, self.embed_table.shape[0])
         positions = check_positions(self.name, position_ids, token_ids.size)
-        if not self._cache:
+        if not self._decoder.started:
             raise BackendError(f"{self.name} backend: step() before prefill()")
         return self._run(np.asarray(self.embed_table[token_ids], dtype=np.float32), positions)

@@ -48,6 +48,7 @@ from rexedge.runtime.backends.base import (
 )
 from rexedge.runtime.backends.cuda_memory import DeviceBuffer, open_cuda, parse_cuda_device
 from rexedge.runtime.backends.trt_engines import EngineError, current_target, import_tensorrt, select_engines
+from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.decode.head import NumpyHead, Sampling
 
@@ -149,9 +150,7 @@ class TrtBackend:
 
     def encode_image(self, image: "PreprocessedImage") -> np.ndarray:
         check_image(self.name, image, self.config)
-        feeds = {schema.PIXEL_PATCHES: np.ascontiguousarray(image.pixel_patches, dtype=np.float32)}
-        feeds.update({spec["name"]: np.ascontiguousarray(getattr(image.layout, spec["name"]))
-                      for spec in self.bundle.vision.inputs if spec["name"] != schema.PIXEL_PATCHES})
+        feeds = vision_feeds(self.bundle.vision.input_names(), image)
         context, buffers = self._vision, self._vision_buffers
         for name, array in feeds.items():
             if array.nbytes > buffers[name].nbytes:
