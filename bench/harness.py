@@ -90,17 +90,15 @@ def _make_runner(name: str, source: ModelSource, device: str, max_context: int, 
 
 def _max_context(source: ModelSource, scenarios: Sequence[Scenario]) -> int:
     """KV capacity for the longest scenario: its prompt (image tokens included) and its answer."""
-    from rexedge.runtime.request.preprocess import smart_resize
-    from rexedge.runtime.request.prompts import build_task_prompt, encode_prompt
+    from rexedge.runtime.request.encode import encode_task
+    from rexedge.runtime.request.preprocess import preprocess
     from rexedge.runtime.request.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(source.checkpoint or source.bundle)
     cfg, longest = source.config, 0
     for s in scenarios:
-        height, width = smart_resize(s.image_size[1], s.image_size[0], cfg.image_factor)
-        image_tokens = (height // cfg.patch_size) * (width // cfg.patch_size) // cfg.merge_unit
-        prompt = encode_prompt(tokenizer, tokenizer.ids, build_task_prompt(s.task, s.categories, None, None, s.image_size),
-                               image_tokens)
+        image = preprocess(synthetic_image(s.image_size), cfg=cfg)   # the request as the runners build it
+        prompt = encode_task(tokenizer, image, s.task, s.categories).prompt_ids
         longest = max(longest, len(prompt) + len(forced_response(s, tokenizer)))
     if longest + CONTEXT_MARGIN > cfg.max_position_embeddings:
         raise BenchError(f"the longest scenario needs {longest} tokens, the model holds {cfg.max_position_embeddings}")

@@ -147,6 +147,7 @@ def synthetic_prompt(cfg: RexOmniConfig, num_image_tokens: int, rng: np.random.G
 def decode_and_ttft(cfg: RexOmniConfig, model, steps: int) -> dict:
     from rexedge.runtime.backends.torch_cuda import TorchCudaBackend
     from rexedge.runtime.decode.head import Sampling
+    from rexedge.runtime.request.encode import embed_prompt
     from rexedge.runtime.request.positions import rope_positions
     from rexedge.runtime.request.preprocess import preprocess
 
@@ -194,9 +195,7 @@ def decode_and_ttft(cfg: RexOmniConfig, model, steps: int) -> dict:
         t1 = time.perf_counter()
         image_embeds = backend.encode_image(pre)
         t2 = time.perf_counter()
-        x = backend.embed_table[ids]
-        x[ids == cfg.image_token_id] = image_embeds
-        h = backend.prefill(x, pos)
+        h = backend.prefill(embed_prompt(backend.embed_table, ids, image_embeds, cfg.image_token_id), pos)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
         head.reset(ids)

@@ -24,15 +24,15 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from rexedge.calib.graph_backend import GraphBackend
-from rexedge.runtime.api import encode_request
 from rexedge.runtime.backends.graph_session import Feeds
 from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.decode.grammar import make_grammar
 from rexedge.runtime.decode.head import Sampling
 from rexedge.runtime.decode.loop import DecodeLoop, Limits
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.request.encode import encode_task
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, PreprocessedImage, preprocess
-from rexedge.runtime.request.prompts import TASKS, build_task_prompt
+from rexedge.runtime.request.prompts import TASKS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -136,9 +136,8 @@ def build_request(backend: Any, sample: CalibrationSample, image: PreprocessedIm
     ids = backend.tokenizer.ids
     width, height = image.image_size
     boxes = [(x0 * width, y0 * height, x1 * width, y1 * height) for x0, y0, x1, y1 in sample.box_fractions] or None
-    task_prompt = build_task_prompt(sample.task, list(sample.categories) or None, sample.keypoint_type, boxes,
-                                    image.image_size)
-    prompt_ids, positions, rope_delta = encode_request(backend.tokenizer, task_prompt, image)
+    _, prompt_ids, positions, rope_delta = encode_task(backend.tokenizer, image, sample.task,
+                                                       list(sample.categories) or None, sample.keypoint_type, boxes)
     grammar = make_grammar(sample.task, ids, image.image_size, decode=backend.tokenizer.decode)
     return Request(image, prompt_ids, positions, rope_delta, grammar)
 

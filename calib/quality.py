@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from rexedge.calib.dataset import CalibrationSample, build_request
+from rexedge.runtime.request.encode import embed_prompt
 from rexedge.runtime.request.positions import decode_positions
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, preprocess
 
@@ -57,8 +58,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _prefill(backend: Any, request: Any, image_embeds: np.ndarray) -> np.ndarray:
-    embeds = np.asarray(backend.embed_table[request.prompt_ids], dtype=np.float32)
-    embeds[request.prompt_ids == backend.tokenizer.ids.image_pad] = image_embeds
+    embeds = embed_prompt(backend.embed_table, request.prompt_ids, image_embeds, backend.tokenizer.ids.image_pad)
     return np.array(backend.prefill(embeds, request.positions))
 
 

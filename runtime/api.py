@@ -41,10 +41,9 @@ from rexedge.runtime.decode.head import Sampling
 from rexedge.runtime.decode.loop import DecodeLoop, Limits
 from rexedge.runtime.decode.phrases import PhraseTable, phrase_table
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.request.positions import rope_positions
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
-from rexedge.runtime.request.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt, build_task_prompt, encode_prompt
-from rexedge.runtime.request.tokenizer import Tokenizer
+from rexedge.runtime.request.encode import encode_task
+from rexedge.runtime.request.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt
 from rexedge.runtime.results.parse import parse_prediction
 from rexedge.runtime.results.result import Result, Timings
 
@@ -139,8 +138,9 @@ class RexOmni:
         cfg, ids = self.config, self.ids
         t0 = time.perf_counter()
         pre = preprocess(image, self.min_pixels, self.max_pixels, cfg=cfg, channel_order=channel_order)
-        task_prompt = build_task_prompt(task, categories, keypoint_type, visual_prompt_boxes, pre.image_size)
-        prompt_ids, positions, rope_delta = encode_request(self.tokenizer, task_prompt, pre, self.system_prompt)
+        task_prompt, prompt_ids, positions, rope_delta = encode_task(self.tokenizer, pre, task, categories,
+                                                                     keypoint_type, visual_prompt_boxes,
+                                                                     self.system_prompt)
         if len(prompt_ids) >= self.backend.max_context:
             raise RexEdgeError(f"the prompt needs {len(prompt_ids)} tokens but the backend holds "
                                f"{self.backend.max_context}; lower max_pixels or raise max_context")
@@ -217,16 +217,6 @@ class PreparedRequest:
     grammar: Grammar
     preprocess_s: float
     phrases: PhraseTable | None = None
-
-
-def encode_request(tokenizer: Tokenizer, task_prompt: TaskPrompt, image: PreprocessedImage,
-                   system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> tuple[np.ndarray, np.ndarray, int]:
-    """The decoder's inputs for one image and prompt: token ids [T], M-RoPE positions [3, T], rope_delta."""
-    ids = tokenizer.ids
-    prompt_ids = np.asarray(encode_prompt(tokenizer, ids, task_prompt, image.num_image_tokens, system_prompt),
-                            dtype=np.int64)
-    positions, rope_delta = rope_positions(prompt_ids, ids.image_pad, ids.vision_start, image.merged_grid_hw)
-    return prompt_ids, positions, rope_delta
 
 
 def _per_image_categories(categories: Any, n: int) -> list[Any]:

@@ -45,6 +45,7 @@ from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE, Ne
 from rexedge.runtime.decode.head import Head
 from rexedge.runtime.decode.phrases import PhraseTable
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.request.encode import embed_prompt
 from rexedge.runtime.request.tokenizer import TokenIds
 from rexedge.runtime.results.detections import Detection
 
@@ -231,11 +232,7 @@ class DecodeLoop:
         """
         ids, backend = self.ids, self.backend
         t0 = time.perf_counter()
-        embeds = backend.embed_table[prompt_ids].astype(np.float32)
-        image_rows = np.flatnonzero(prompt_ids == ids.image_pad)
-        if image_rows.shape[0] != image_embeds.shape[0]:
-            raise ValueError(f"prompt has {image_rows.shape[0]} image tokens but the image gave {image_embeds.shape[0]} embeddings")
-        embeds[image_rows] = image_embeds
+        embeds = embed_prompt(backend.embed_table, prompt_ids, image_embeds, ids.image_pad)
         hidden = backend.prefill(embeds, positions)
         self.head.reset(prompt_ids)
         prefill_s = time.perf_counter() - t0
