@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import tempfile
 import time
@@ -29,27 +28,6 @@ from rexedge.runtime.config import RexOmniConfig
 BENCH_CONFIG = RexOmniConfig.preset("tiny").replace(
     hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
     mrope_section=(16, 24, 24), max_position_embeddings=8192, vision_out_hidden_size=512)
-
-
-def write_random_checkpoint(out: Path, cfg: RexOmniConfig = BENCH_CONFIG, seed: int = 0) -> Path:
-    """A checkpoint directory (config, one model.safetensors, the tiny tokenizer) with random weights.
-
-    Speed does not depend on the values, so plain scaled normals do."""
-    from safetensors.numpy import save_file
-
-    from rexedge.export.fixtures.tiny_tokenizer import write_tiny_tokenizer
-    from rexedge.runtime.model.checkpoint import expected_tensor_shapes
-
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in expected_tensor_shapes(cfg).items():
-        fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-        tensors[name] = (rng.standard_normal(shape, dtype=np.float32) / math.sqrt(fan_in)).astype(np.float32)
-    out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=1))
-    save_file(tensors, str(out / "model.safetensors"))
-    write_tiny_tokenizer(out)
-    return out
 
 
 def kv_bytes_per_token(cfg: RexOmniConfig, itemsize: int) -> int:
@@ -98,10 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_step_args(__doc__.splitlines()[0], argv)
 
     from rexedge.export.bundle import export_bundle
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
     from rexedge.runtime.backends import load_backend
 
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = write_random_checkpoint(Path(tmp) / "checkpoint")
+        checkpoint = write_tiny_checkpoint(Path(tmp) / "checkpoint", BENCH_CONFIG)
         bundle = export_bundle(checkpoint, Path(tmp) / "bundle", progress=False)
         capacity = max(args.contexts) + args.warmup + args.steps
         backends = {c: load_backend("ort", bundle, max_context=capacity, threads=args.threads) for c in args.contexts}

@@ -41,21 +41,6 @@ MODELS: dict[str, RexOmniConfig] = {
 }
 
 
-def write_checkpoint(out: Path, cfg: RexOmniConfig, seed: int = 0) -> Path:
-    """A checkpoint (config, one model.safetensors, the tiny tokenizer) with the tiny checkpoints' initialisation."""
-    import torch
-    from safetensors.torch import save_file
-
-    from rexedge.export.fixtures.tiny import tiny_tensors, tokenizer_size
-    from rexedge.export.fixtures.tiny_tokenizer import write_tiny_tokenizer
-
-    write_tiny_tokenizer(out)
-    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=1))
-    tensors = dict(tiny_tensors(cfg, seed, torch.float32, tokenizer_size(out)))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
 def write_scenes(out: Path, count: int, seed: int) -> Path:
     """Synthetic photos-ish: a smooth colour field with a few solid rectangles and discs, 180-420 px a side."""
     from PIL import Image, ImageDraw
@@ -106,10 +91,11 @@ def measure(name: str, cfg: RexOmniConfig, tmp: Path, args: argparse.Namespace) 
     from rexedge.calib.quality import compare, summarize
     from rexedge.calib.quantize import quantize_bundle
     from rexedge.export.bundle import export_bundle
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
     from rexedge.runtime.backends import load_backend
 
     root = tmp / name
-    checkpoint = write_checkpoint(root / "checkpoint", cfg)
+    checkpoint = write_tiny_checkpoint(root / "checkpoint", cfg)
     bundles = {precision: export_bundle(checkpoint, root / precision, precision=precision, progress=False)
                for precision in ("fp32", "fp16")}
     calib_images = write_scenes(root / "calib_images", args.calib_images, seed=1)

@@ -74,16 +74,13 @@ def test_head_choice(benchmark, head_case) -> None:
 @pytest.fixture(scope="module", params=["tiny", "hidden512x8"])
 def ort_backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """An ort backend on a tiny bundle (the per-call floor) and on decode_context's bigger random model."""
-    from rexedge.bench.decode_context import BENCH_CONFIG, write_random_checkpoint
+    from rexedge.bench.decode_context import BENCH_CONFIG
     from rexedge.export.bundle import export_bundle
     from rexedge.export.fixtures.tiny import write_tiny_checkpoint
     from rexedge.runtime.backends import load_backend
 
     tmp = tmp_path_factory.mktemp(request.param)
-    if request.param == "tiny":
-        checkpoint = write_tiny_checkpoint(tmp / "checkpoint")
-    else:
-        checkpoint = write_random_checkpoint(tmp / "checkpoint", BENCH_CONFIG)
+    checkpoint = write_tiny_checkpoint(tmp / "checkpoint", "tiny" if request.param == "tiny" else BENCH_CONFIG)
     bundle = export_bundle(checkpoint, tmp / "bundle", progress=False)
     return load_backend("ort", bundle, max_context=1024)
 

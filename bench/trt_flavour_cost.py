@@ -29,7 +29,6 @@ from rexedge.bench.decode_context import (
     kv_bytes_per_token,
     parse_step_args,
     time_steps,
-    write_random_checkpoint,
 )
 from rexedge.runtime.backends.graph_session import PingPongSession, open_session
 from rexedge.runtime.bundle import load_bundle
@@ -64,12 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_step_args(__doc__.splitlines()[0], argv)
 
     from rexedge.export.bundle import export_bundle
+    from rexedge.export.fixtures.tiny import write_tiny_checkpoint
     from rexedge.runtime.backends import load_backend
 
     rng = np.random.default_rng(0)
     capacity = max(args.contexts) + args.warmup + args.steps
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = write_random_checkpoint(Path(tmp) / "checkpoint")
+        checkpoint = write_tiny_checkpoint(Path(tmp) / "checkpoint", BENCH_CONFIG)
         bundles = {f: export_bundle(checkpoint, Path(tmp) / f, flavour=f, progress=False) for f in ("ort", "trt")}
         runners = {}
         for context in args.contexts:
