@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.config import RexOmniConfig
 
 BENCH_CONFIG = RexOmniConfig.preset("tiny").replace(
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         backends = {c: load_backend("ort", bundle, max_context=capacity, threads=args.threads) for c in args.contexts}
         times = time_steps(backends, {c: c for c in backends}, args.warmup, args.steps, np.random.default_rng(0))
         ms = {context: statistics.median(t) for context, t in times.items()}
-        weight_bytes = (bundle / "decoder.onnx.data").stat().st_size
+        weight_bytes = (bundle / (schema.DECODER_FILE + schema.DATA_SUFFIX)).stat().st_size
     cfg = BENCH_CONFIG
     kv_bytes = kv_bytes_per_token(cfg, 4)
     first, last = args.contexts[0], args.contexts[-1]

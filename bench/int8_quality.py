@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.config import RexOmniConfig
 
 MODELS: dict[str, RexOmniConfig] = {
@@ -112,7 +113,7 @@ def measure(name: str, cfg: RexOmniConfig, tmp: Path, args: argparse.Namespace) 
         candidate = load_backend("ort", bundles[precision])
         quality[precision] = summarize([compare(reference, candidate, r, steps=args.steps) for r in requests])
     speed = time_steps(bundles, args.context, args.warmup, args.timed_steps)
-    sizes = {p: sum(f.stat().st_size for f in b.glob("decoder.onnx*")) for p, b in bundles.items()}
+    sizes = {p: sum(f.stat().st_size for f in b.glob(schema.DECODER_FILE + "*")) for p, b in bundles.items()}
     return {"config": {"hidden_size": cfg.hidden_size, "layers": cfg.num_hidden_layers,
                        "head_dim": cfg.head_dim, "vision_hidden": cfg.vision_hidden_size,
                        "vision_depth": cfg.vision_depth},

@@ -44,6 +44,7 @@ from rexedge.export.onnx.graph import (
     rotate,
     silu,
 )
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.config import RexOmniConfig
 
 # symbolic dimension names, shared with the manifest's shape ranges
@@ -61,20 +62,20 @@ class _Flavour:
 
 
 def _ort_declare_cache(g: GraphBuilder, cfg: RexOmniConfig, kv_type: int) -> None:
-    g.input("seqlens_k", TensorProto.INT32, [BATCH])
-    g.input("total_sequence_length", TensorProto.INT32, [])
+    g.input(schema.SEQLENS_K, TensorProto.INT32, [BATCH])
+    g.input(schema.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, [])
     shape = [BATCH, cfg.num_key_value_heads, KV_CAPACITY, cfg.head_dim]
     for i in range(cfg.num_hidden_layers):
-        g.input(f"past_key_{i}", kv_type, shape)
-        g.input(f"past_value_{i}", kv_type, shape)
+        g.input(schema.past("key", i), kv_type, shape)
+        g.input(schema.past("value", i), kv_type, shape)
 
 
 def _ort_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: str, v: str, elem: int) -> str:
     """q [B,T,NH*D], k/v [B,T,KVH*D] (rotary applied) -> attention output [B,T,NH*D]."""
     out, _, _ = g.op(
-        "GroupQueryAttention", q, k, v, f"past_key_{layer}", f"past_value_{layer}",
-        "seqlens_k", "total_sequence_length",
-        outputs=[f"attn_{layer}", f"present_key_{layer}", f"present_value_{layer}"], domain=MS_DOMAIN,
+        "GroupQueryAttention", q, k, v, schema.past("key", layer), schema.past("value", layer),
+        schema.SEQLENS_K, schema.TOTAL_SEQUENCE_LENGTH,
+        outputs=[f"attn_{layer}", schema.present("key", layer), schema.present("value", layer)], domain=MS_DOMAIN,
         num_heads=cfg.num_attention_heads, kv_num_heads=cfg.num_key_value_heads,
         scale=float(cfg.head_dim ** -0.5), hint=f"gqa_{layer}",
     )
@@ -84,8 +85,8 @@ def _ort_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: s
 def _trt_declare_cache(g: GraphBuilder, cfg: RexOmniConfig, kv_type: int) -> None:
     shape = [BATCH, cfg.num_key_value_heads, PAST, cfg.head_dim]
     for i in range(cfg.num_hidden_layers):
-        g.input(f"past_key_{i}", kv_type, shape)
-        g.input(f"past_value_{i}", kv_type, shape)
+        g.input(schema.past("key", i), kv_type, shape)
+        g.input(schema.past("value", i), kv_type, shape)
     _trt_causal_mask(g)
 
 
@@ -94,8 +95,8 @@ _MASK = "causal_mask"
 
 def _trt_causal_mask(g: GraphBuilder) -> None:
     """``causal_mask`` [T, P+T] bool, true where key j lies after query t (j > P + t); once per forward."""
-    past = g.op("Gather", g.op("Shape", "past_key_0"), g.const(2, dtype=np.int64), axis=0, hint="past_len")
-    tokens = g.op("Gather", g.op("Shape", "inputs_embeds"), g.const(1, dtype=np.int64), axis=0, hint="new_len")
+    past = g.op("Gather", g.op("Shape", schema.past("key", 0)), g.const(2, dtype=np.int64), axis=0, hint="past_len")
+    tokens = g.op("Gather", g.op("Shape", schema.INPUTS_EMBEDS), g.const(1, dtype=np.int64), axis=0, hint="new_len")
     one = g.const(1, dtype=np.int64)
     keys = g.op("Range", g.const(0, dtype=np.int64), g.op("Add", past, tokens), one, hint="key_pos")
     queries = g.op("Range", past, g.op("Add", past, tokens), one, hint="query_pos")
@@ -109,8 +110,8 @@ def _trt_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: s
     kv_shape = g.const([0, 0, kvh, d], dtype=np.int64)
     new_k = g.op("Transpose", g.op("Reshape", k, kv_shape), perm=[0, 2, 1, 3])  # [B,KVH,T,D]
     new_v = g.op("Transpose", g.op("Reshape", v, kv_shape), perm=[0, 2, 1, 3])
-    keys = g.op("Concat", f"past_key_{layer}", new_k, axis=2, outputs=[f"present_key_{layer}"])
-    values = g.op("Concat", f"past_value_{layer}", new_v, axis=2, outputs=[f"present_value_{layer}"])
+    keys = g.op("Concat", schema.past("key", layer), new_k, axis=2, outputs=[schema.present("key", layer)])
+    values = g.op("Concat", schema.past("value", layer), new_v, axis=2, outputs=[schema.present("value", layer)])
     # query head h = kv_head * G + g reads kv head h // G (repeat_kv order)
     qg = g.op("Transpose", g.op("Reshape", q, g.const([0, 0, kvh, groups, d], dtype=np.int64)),
               perm=[0, 2, 3, 1, 4])  # [B,KVH,G,T,D]
@@ -145,7 +146,7 @@ def _flavour(name: str) -> _Flavour:
 def _mrope_tables(g: GraphBuilder, cfg: RexOmniConfig, elem_type: int) -> tuple[str, str]:
     """cos / sign-folded sin [B, T, 1, D] from position_ids [3, B, T]."""
     inv_freq = g.const(inverse_frequencies(cfg.head_dim, cfg.rope_theta), "inv_freq")
-    positions = g.op("Cast", "position_ids", to=TensorProto.FLOAT)
+    positions = g.op("Cast", schema.POSITION_IDS, to=TensorProto.FLOAT)
     angles = g.op("Mul", g.op("Unsqueeze", positions, g.const([-1], dtype=np.int64)), inv_freq)  # [3,B,T,D/2]
     parts, start = [], 0
     for stream, width in enumerate(cfg.mrope_section):
@@ -168,12 +169,12 @@ def build_decoder_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto]
     nh, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     g = GraphBuilder(f"rexedge_decoder_{flavour}", weights)
 
-    g.input("inputs_embeds", TensorProto.FLOAT, [BATCH, TOKENS, cfg.hidden_size])
-    g.input("position_ids", TensorProto.INT64, [3, BATCH, TOKENS])
+    g.input(schema.INPUTS_EMBEDS, TensorProto.FLOAT, [BATCH, TOKENS, cfg.hidden_size])
+    g.input(schema.POSITION_IDS, TensorProto.INT64, [3, BATCH, TOKENS])
     fl.declare_cache(g, cfg, elem)
 
     cos, sin_signed = _mrope_tables(g, cfg, elem)
-    x = g.op("Cast", "inputs_embeds", to=TensorProto.FLOAT16) if fp16 else "inputs_embeds"
+    x = g.op("Cast", schema.INPUTS_EMBEDS, to=TensorProto.FLOAT16) if fp16 else schema.INPUTS_EMBEDS
     q_shape = g.const([0, 0, nh, d], dtype=np.int64)
     kv_shape = g.const([0, 0, kvh, d], dtype=np.int64)
     flat_shape = g.const([0, 0, -1], dtype=np.int64)
@@ -194,9 +195,9 @@ def build_decoder_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto]
     hidden = rms_norm(g, x, "model.norm.weight", cfg.rms_norm_eps, fp16)
     if fp16:
         hidden = g.op("Cast", hidden, to=TensorProto.FLOAT)
-    g.output(hidden, "hidden_states", TensorProto.FLOAT, [BATCH, TOKENS, cfg.hidden_size])
+    g.output(hidden, schema.HIDDEN_STATES, TensorProto.FLOAT, [BATCH, TOKENS, cfg.hidden_size])
     kv_out_shape = [BATCH, kvh, fl.present_length, d]
     for i in range(cfg.num_hidden_layers):
-        g.output(f"present_key_{i}", f"present_key_{i}", elem, kv_out_shape)
-        g.output(f"present_value_{i}", f"present_value_{i}", elem, kv_out_shape)
+        g.output(schema.present("key", i), schema.present("key", i), elem, kv_out_shape)
+        g.output(schema.present("value", i), schema.present("value", i), elem, kv_out_shape)
     return g.build(f"Rex-Omni text decoder ({precision}, flavour {flavour})", fl.extra_opsets)

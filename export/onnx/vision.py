@@ -46,6 +46,7 @@ from rexedge.export.onnx.graph import (
     rotate,
     silu,
 )
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.config import RexOmniConfig
 
 # the vision tower's RMSNorm eps (fixed in the architecture, independent of the text config)
@@ -227,7 +228,7 @@ def build_vision_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto],
     slots = window_slots(cfg)
     g = GraphBuilder(f"rexedge_vision_{flavour}", weights)
 
-    g.input("pixel_patches", TensorProto.FLOAT, [PATCHES, cfg.patch_dim])
+    g.input(schema.PIXEL_PATCHES, TensorProto.FLOAT, [PATCHES, cfg.patch_dim])
     # the other inputs are VisionLayout fields under the same names (the runtime feeds them by name)
     g.input("rotary_pos", TensorProto.INT64, [PATCHES, 2])
     g.input("patch_order", TensorProto.INT64, [PATCHES])
@@ -238,7 +239,7 @@ def build_vision_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto],
 
     shared = fl.prepare(g, cfg, fp16, _rotary_angles(g, cfg))
 
-    patches = g.op("Cast", "pixel_patches", to=TensorProto.FLOAT16) if fp16 else "pixel_patches"
+    patches = g.op("Cast", schema.PIXEL_PATCHES, to=TensorProto.FLOAT16) if fp16 else schema.PIXEL_PATCHES
     x = g.op("Gather", linear(g, patches, "visual.patch_embed.proj.weight"), "patch_order", axis=0)
     full = set(cfg.fullatt_block_indexes)
     for i in range(cfg.vision_depth):
@@ -260,5 +261,5 @@ def build_vision_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto],
     embeds = g.op("Gather", h, "reverse_index", axis=0)
     if fp16:
         embeds = g.op("Cast", embeds, to=TensorProto.FLOAT)
-    g.output(embeds, "image_embeds", TensorProto.FLOAT, [MERGED, cfg.hidden_size])
+    g.output(embeds, schema.IMAGE_EMBEDS, TensorProto.FLOAT, [MERGED, cfg.hidden_size])
     return g.build(f"Rex-Omni vision encoder ({precision}, flavour {flavour})", fl.extra_opsets)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rexedge.export.shapes.scenes import MAX_PIXELS, MIN_PIXELS, Box, Scene, make_scene
+from rexedge.runtime.manifest import MANIFEST
 
 EVAL_SEED = 2**40
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
     args = parser.parse_args(argv)
     common = dict(scenes=args.scenes, decoding=args.decoding, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-    if (args.model / "manifest.json").exists():
+    if (args.model / MANIFEST).exists():
         result = evaluate_bundle(args.model, **common)
     else:
         result = evaluate_checkpoint(args.model, args.work, **common)
