@@ -178,3 +178,41 @@ def test_openblas_workers_sleep_at_once_unless_the_user_says_otherwise(tiny_chec
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert result.stderr.split() == ["0", "True", expected]
+
+
+@pytest.mark.parametrize("images, loads", [(["missing.png"], False), (["empty.png", "garbage.png"], False),
+                                           (["missing.png", "image.png"], True)])
+def test_images_are_checked_before_the_model_loads(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture, images: list[str], loads: bool):
+    """A request whose every image is unreadable (or whose visual prompt lies outside every image) fails
+    without loading the model: with a 3B bundle that is a minute saved."""
+    from rexedge.runtime import api
+    from rexedge.runtime.cli import main
+
+    constructed = []
+    real = api.RexOmni
+
+    def counting(*args, **kwargs):
+        constructed.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "RexOmni", counting)
+    monkeypatch.chdir(workdir)
+    status = main(["detect", *images, "--model", "bundle", "--categories", "cup"])
+    assert status == 2
+    assert len(constructed) == int(loads)
+    assert ("no such image file" in capsys.readouterr().err) == ("missing.png" in images)
+
+
+def test_a_visual_prompt_outside_every_image_fails_before_the_model_loads(workdir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture):
+    from rexedge.runtime import api
+    from rexedge.runtime.cli import main
+
+    monkeypatch.setattr(api, "RexOmni", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(workdir)
+    status = main(["detect", "image.png", "--model", "bundle", "--task", "visual_prompting",
+                   "--visual-prompt-boxes", "10,10,151,50"])
+    assert status == 2
+    assert "image.png: visual prompt box 0 [10.0, 10.0, 151.0, 50.0] lies outside the 150x90" in capsys.readouterr().err

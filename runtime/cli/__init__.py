@@ -90,20 +90,48 @@ def _check_request(args: argparse.Namespace) -> tuple[list[str] | None, list[lis
     return categories, boxes
 
 
-def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_path) -> tuple[list[dict], list[str]]:
-    """One record per image and the failures; a bad image is recorded and the others still run."""
-    categories, boxes = _check_request(args)
-    _check_outputs(args)
-    model = model_from_args(args, model_path)
-    records, failures = [], []
+def _named(error: RexEdgeError, name: str) -> str:
+    """An image's error message: errors about the file name it already; the others (e.g. a box outside it)
+    get its name."""
+    return str(error) if str(error).startswith(str(name)) else f"{name}: {error}"
+
+
+def _check_images(images: list, names: list[str], args: argparse.Namespace, categories: list[str] | None,
+                  boxes: list[list[float]] | None) -> dict[int, str]:
+    """Open every image and check the request against its size, before the model loads (a large model takes
+    seconds to minutes to load): the failure message of each image that cannot run, by index."""
+    from rexedge.runtime.request.preprocess import load_image
+    from rexedge.runtime.request.prompts import build_task_prompt
+
+    failures = {}
     for index, (image, name) in enumerate(zip(images, names)):
         try:
-            [official] = model.inference(image, task=args.task, categories=categories,
-                                         keypoint_type=args.keypoint_type, visual_prompt_boxes=boxes)
-            result = Result.from_official(official)
+            size = load_image(image).size
+            if boxes is not None:
+                build_task_prompt(args.task, categories, args.keypoint_type, boxes, size)
         except RexEdgeError as e:
-            # errors about the file name it already; the others (e.g. a box outside it) get its name
-            message = str(e) if str(e).startswith(str(name)) else f"{name}: {e}"
+            failures[index] = _named(e, name)
+    return failures
+
+
+def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_path) -> tuple[list[dict], list[str]]:
+    """One record per image and the failures; a bad image is recorded and the others still run. The model is
+    loaded only when some image can run."""
+    categories, boxes = _check_request(args)
+    _check_outputs(args)
+    early = _check_images(images, names, args, categories, boxes)
+    model = model_from_args(args, model_path) if len(early) < len(images) else None
+    records, failures = [], []
+    for index, (image, name) in enumerate(zip(images, names)):
+        message = early.get(index)
+        if message is None:
+            try:
+                [official] = model.inference(image, task=args.task, categories=categories,
+                                             keypoint_type=args.keypoint_type, visual_prompt_boxes=boxes)
+                result = Result.from_official(official)
+            except RexEdgeError as e:
+                message = _named(e, name)
+        if message is not None:
             records.append({"image": name, "success": False, "error": message})
             failures.append(message)
             continue
