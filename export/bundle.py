@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -24,6 +24,7 @@ from onnx import TensorProto
 
 from rexedge.export.onnx.decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRESENT, TOKENS, build_decoder_graph
 from rexedge.export.onnx.graph import ExternalData
+from rexedge.export.onnx.nbits import NBitsWeights
 from rexedge.export.onnx.vision import MERGED, PATCHES, WINDOWS, build_vision_graph
 from rexedge.export.tensorrt.profiles import decoder_profiles, vision_profiles
 from rexedge.runtime import manifest as schema
@@ -103,13 +104,17 @@ def _check_tokenizer(cfg: RexOmniConfig, tokenizer: Tokenizer, where: Path) -> N
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp32", flavour: str = "ort",
-                  progress: bool = True) -> Path:
+                  progress: bool = True, weights: str | None = None, nbits_options: Mapping[str, Any] | None = None
+                  ) -> Path:
     """Export a checkpoint directory to a bundle at ``out`` (must not exist, or be empty); returns ``out``.
 
     ``precision`` "fp32" or "fp16" (weights, activations and KV cache; inputs, outputs,
     norms, softmax and the head table stay float32). ``flavour`` selects how the graphs
     express attention and the KV cache (see :mod:`rexedge.export.onnx.decoder` and
-    :mod:`rexedge.export.onnx.vision`).
+    :mod:`rexedge.export.onnx.vision`). ``weights`` "int4" or "int8" quantizes the decoder's
+    linear weights as MatMulNBits (ort flavour, fp32 activations; see
+    :mod:`rexedge.export.onnx.nbits`), None keeps them in the precision; ``nbits_options``
+    overrides :class:`~rexedge.export.onnx.nbits.NBitsWeights`' block settings (tests, measurements).
     """
     import torch
     from tqdm import tqdm
@@ -118,6 +123,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         raise ExportError(f"precision {precision!r}: expected one of {list(schema.PRECISIONS)}")
     if flavour not in FLAVOURS:
         raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
+    nbits = None
+    if weights is not None:
+        if weights not in schema.WEIGHT_FORMATS:
+            raise ExportError(f"weights {weights!r}: expected one of {list(schema.WEIGHT_FORMATS)} (or none: float)")
+        if flavour != "ort" or precision != "fp32":
+            raise ExportError(f"weights {weights!r} is for the ort flavour with fp32 activations, not flavour "
+                              f"{flavour!r} with {precision!r}")
+        nbits = NBitsWeights(weights, **(nbits_options or {}))
     checkpoint, out = Path(checkpoint), Path(out)
     opened = open_checkpoint(checkpoint)
     cfg = opened.config
@@ -142,6 +155,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                 if not np.isfinite(stored).all():
                     raise ExportError(f"tensor {name!r} in {file} does not fit {precision} (values overflow to "
                                       f"inf); export with --dtype fp32")
+                if nbits is not None and nbits.applies_to(name):
+                    for part, packed in nbits.quantize(name, stored).items():
+                        decoder_data.add(part, packed)
+                    continue
                 (vision_data if name.startswith("visual.") else decoder_data).add(name, stored)
         vision_data.close()
         decoder_data.close()
@@ -152,7 +169,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
             (schema.VISION, schema.VISION_FILE, vision_data,
              lambda: build_vision_graph(cfg, vision_data.tensors, precision, flavour)),
             (schema.DECODER, schema.DECODER_FILE, decoder_data,
-             lambda: build_decoder_graph(cfg, decoder_data.tensors, precision, flavour)),
+             lambda: build_decoder_graph(cfg, decoder_data.tensors, precision, flavour, nbits)),
         ):
             if progress:
                 print(f"export: writing {file}", flush=True)
@@ -160,6 +177,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
             onnx.save(model, staging / file)
             graphs[key] = schema.graph_entry(file, data.path.name, _describe(model.graph.input),
                                              _describe(model.graph.output), dims[key])
+            if key == schema.DECODER and nbits is not None:
+                graphs[key][schema.WEIGHTS] = nbits.manifest_entry()
             if flavour == "trt":
                 graphs[key][schema.PROFILES] = _trt_profiles(cfg, key, graphs[key])
         tokenizer.save(staging / schema.TOKENIZER_FILE)
@@ -184,8 +203,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
 
 
 def export_command(args: Any) -> None:
-    """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--quiet]``."""
+    """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--weights int4|int8] [--quiet]``."""
     path = export_bundle(args.checkpoint, args.out, precision=args.dtype, flavour=args.flavour,
-                         progress=not args.quiet)
+                         progress=not args.quiet, weights=args.weights)
     size = sum(p.stat().st_size for p in path.iterdir())
-    print(f"wrote a {args.dtype} bundle ({args.flavour} decoder, {size / 2**20:.1f} MiB) to {path}")
+    quantized = f", {args.weights} decoder weights" if args.weights else ""
+    print(f"wrote a {args.dtype} bundle ({args.flavour} decoder{quantized}, {size / 2**20:.1f} MiB) to {path}")

@@ -48,6 +48,8 @@ from rexedge.runtime.manifest import (
     FORMAT_KEY,
     FORMAT_VERSION,
     GRAPHS,
+    WEIGHT_FORMATS,
+    WEIGHTS,
     HEAD,
     INPUTS,
     INT8,
@@ -95,6 +97,7 @@ class GraphSpec:
     inputs: tuple[dict[str, Any], ...]
     outputs: tuple[dict[str, Any], ...]
     dims: Mapping[str, tuple[int, int]]
+    weights: Mapping[str, Any] | None = None   # the quantized weights' entry, None for float weights
 
     def input_names(self) -> list[str]:
         return [i["name"] for i in self.inputs]
@@ -173,7 +176,7 @@ def _graph(manifest: Mapping[str, Any], name: str, where: Path) -> GraphSpec:
     try:
         g = manifest[GRAPHS][name]
         return GraphSpec(file=g[FILE], data=g.get(DATA), inputs=tuple(g[INPUTS]), outputs=tuple(g[OUTPUTS]),
-                         dims={k: (int(lo), int(hi)) for k, (lo, hi) in g[DIMS].items()})
+                         dims={k: (int(lo), int(hi)) for k, (lo, hi) in g[DIMS].items()}, weights=g.get(WEIGHTS))
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(f"{where}: graph entry {name!r} is incomplete ({e!r})") from None
 
@@ -267,6 +270,10 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     if precision not in (*PRECISIONS, INT8):
         raise BundleError(f"{where}: {PRECISION} {precision!r}, expected one of {(*PRECISIONS, INT8)}")
     vision, decoder = _graph(manifest, VISION, where), _graph(manifest, DECODER, where)
+    for name, graph in ((VISION, vision), (DECODER, decoder)):
+        if graph.weights is not None and graph.weights.get("format") not in WEIGHT_FORMATS:
+            raise BundleError(f"{where}: graph {name!r} {WEIGHTS} format {graph.weights.get('format')!r}, expected "
+                              f"one of {WEIGHT_FORMATS}")
     needed = [vision.file, decoder.file, manifest[HEAD][FILE], TOKENIZER_FILE]
     needed += [g.data for g in (vision, decoder) if g.data]
     unlisted = [n for n in needed if n not in files]

@@ -24,6 +24,9 @@ DATA_SUFFIX = ".data"   # a graph's external weights beside it
 # bundle (Q/DQ graphs, float32 inputs, outputs and KV cache)
 PRECISIONS = ("fp32", "fp16")
 INT8 = "int8"
+# weight-only quantized graphs (`rexedge export --weights`): the graph's linear weights as
+# com.microsoft MatMulNBits, its activations in the bundle precision
+WEIGHT_FORMATS = ("int4", "int8")
 
 # top-level keys
 FORMAT_KEY = "format"
@@ -44,6 +47,7 @@ VISION, DECODER = "vision", "decoder"   # the graphs
 
 # a graph entry's keys
 FILE, DATA, INPUTS, OUTPUTS, DIMS, PROFILES = "file", "data", "inputs", "outputs", "dims", "profiles"
+WEIGHTS = "weights"   # present on a graph whose weights are quantized: weights_entry(); absent: the precision
 
 # graph inputs and outputs
 PIXEL_PATCHES = "pixel_patches"
@@ -75,3 +79,10 @@ def graph_entry(file: str, data: str | None, inputs: list[dict[str, Any]], outpu
                 dims: Mapping[str, tuple[int, int]]) -> dict[str, Any]:
     """One graph's entry: its file, external-data file, inputs/outputs ({name, dtype, shape}), dimension ranges."""
     return {FILE: file, DATA: data, INPUTS: inputs, OUTPUTS: outputs, DIMS: dict(dims)}
+
+
+def weights_entry(fmt: str, op: str, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+                  quantized: list[str]) -> dict[str, Any]:
+    """A graph's ``weights``: format ("int4" / "int8"), the operator and its block settings, the quantized tensors."""
+    return {"format": fmt, "op": op, "bits": bits, "block_size": block_size, "symmetric": symmetric,
+            "accuracy_level": accuracy_level, "quantized": quantized}

@@ -44,6 +44,7 @@ from rexedge.export.onnx.graph import (
     rotate,
     silu,
 )
+from rexedge.export.onnx.nbits import NBitsWeights
 from rexedge.runtime import manifest as schema
 from rexedge.runtime.config import RexOmniConfig
 
@@ -161,9 +162,13 @@ def _mrope_tables(g: GraphBuilder, cfg: RexOmniConfig, elem_type: int) -> tuple[
 
 
 def build_decoder_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto], precision: str,
-                        flavour: str = "ort") -> onnx.ModelProto:
-    """The decoder graph over already-written weights (published names, linear weights [in, out])."""
+                        flavour: str = "ort", nbits: NBitsWeights | None = None) -> onnx.ModelProto:
+    """The decoder graph over already-written weights (published names, linear weights [in, out]).
+
+    ``nbits``: the linear weights it quantized are MatMulNBits nodes (ort flavour only)."""
     fl = _flavour(flavour)
+    if nbits is not None and flavour != "ort":
+        raise ValueError(f"MatMulNBits weights are for the ort flavour, not {flavour!r}")
     fp16 = precision == "fp16"
     elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
     nh, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -181,17 +186,17 @@ def build_decoder_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto]
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
         h = rms_norm(g, x, p + "input_layernorm.weight", cfg.rms_norm_eps, fp16)
-        q = g.op("Reshape", linear(g, h, p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias"), q_shape)
-        k = g.op("Reshape", linear(g, h, p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias"), kv_shape)
-        v = linear(g, h, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias")
+        q = g.op("Reshape", linear(g, h, p + "self_attn.q_proj.weight", p + "self_attn.q_proj.bias", nbits), q_shape)
+        k = g.op("Reshape", linear(g, h, p + "self_attn.k_proj.weight", p + "self_attn.k_proj.bias", nbits), kv_shape)
+        v = linear(g, h, p + "self_attn.v_proj.weight", p + "self_attn.v_proj.bias", nbits)
         q = g.op("Reshape", rotate(g, q, cos, sin_signed, d), flat_shape)
         k = g.op("Reshape", rotate(g, k, cos, sin_signed, d), flat_shape)
         attn = fl.attention(g, cfg, i, q, k, v, elem)
-        x = g.op("Add", x, linear(g, attn, p + "self_attn.o_proj.weight"), hint="residual")
+        x = g.op("Add", x, linear(g, attn, p + "self_attn.o_proj.weight", nbits=nbits), hint="residual")
         h = rms_norm(g, x, p + "post_attention_layernorm.weight", cfg.rms_norm_eps, fp16)
-        gate = silu(g, linear(g, h, p + "mlp.gate_proj.weight"))
-        up = linear(g, h, p + "mlp.up_proj.weight")
-        x = g.op("Add", x, linear(g, g.op("Mul", gate, up), p + "mlp.down_proj.weight"), hint="residual")
+        gate = silu(g, linear(g, h, p + "mlp.gate_proj.weight", nbits=nbits))
+        up = linear(g, h, p + "mlp.up_proj.weight", nbits=nbits)
+        x = g.op("Add", x, linear(g, g.op("Mul", gate, up), p + "mlp.down_proj.weight", nbits=nbits), hint="residual")
     hidden = rms_norm(g, x, "model.norm.weight", cfg.rms_norm_eps, fp16)
     if fp16:
         hidden = g.op("Cast", hidden, to=TensorProto.FLOAT)

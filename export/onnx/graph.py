@@ -15,11 +15,14 @@ are limited to 2 GB).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from rexedge.export.onnx.nbits import NBitsWeights
 
 # The default domain's opset. 17 keeps ReduceMean's axes an attribute and is what
 # TensorRT 8.6+ parses; nothing newer is needed.
@@ -32,6 +35,7 @@ ONNX_DTYPE: dict[np.dtype, int] = {
     np.dtype(np.int64): TensorProto.INT64,
     np.dtype(np.int32): TensorProto.INT32,
     np.dtype(np.bool_): TensorProto.BOOL,
+    np.dtype(np.uint8): TensorProto.UINT8,   # MatMulNBits' packed weights and zero points
 }
 
 # ONNX Runtime memory-maps external data whose offset is a multiple of the page size.
@@ -150,9 +154,14 @@ class GraphBuilder:
 # Building blocks shared by both graphs ----------------------------------------------
 
 
-def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None) -> str:
-    """x @ W (+ b), W stored [in, out] (the exporter transposes the checkpoint's [out, in])."""
-    y = g.op("MatMul", x, g.weight(weight), hint="matmul")
+def linear(g: GraphBuilder, x: str, weight: str, bias: str | None = None, nbits: NBitsWeights | None = None) -> str:
+    """x @ W (+ b), W stored [in, out] (the exporter transposes the checkpoint's [out, in]).
+
+    A weight that ``nbits`` quantized becomes its MatMulNBits node instead of a MatMul."""
+    if nbits is not None and weight in nbits.shapes:
+        y = nbits.matmul(g, x, weight)
+    else:
+        y = g.op("MatMul", x, g.weight(weight), hint="matmul")
     return g.op("Add", y, g.weight(bias), hint="bias") if bias else y
 
 

@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle directory to write (must not exist, or be empty)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="graph precision (default: fp32)")
     p.add_argument("--flavour", default="ort", help="decoder graph flavour: ort (default) or trt (TensorRT)")
+    p.add_argument("--weights", choices=["int4", "int8"],
+                   help="quantize the decoder's linear weights (ONNX Runtime MatMulNBits, ort flavour, fp32); "
+                        "default: float weights in the graph precision")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_export)
 
