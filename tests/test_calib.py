@@ -280,6 +280,9 @@ def test_refuses_what_it_cannot_calibrate(fp32_bundle: Path, tiny_checkpoint: Pa
     fp16 = export_bundle(tiny_checkpoint, work / "fp16", precision="fp16", progress=False)
     with pytest.raises(CalibrationError, match="fp16 bundle; calibrate an fp32 bundle"):
         quantize_bundle(fp16, tmp_path / "a", images, progress=False)
+    int4 = export_bundle(tiny_checkpoint, work / "int4", weights="int4", progress=False)
+    with pytest.raises(CalibrationError, match="int4 weights"):
+        quantize_bundle(int4, tmp_path / "a", images, progress=False)
     with pytest.raises(CalibrationError, match="no image files"):
         quantize_bundle(fp32_bundle, tmp_path / "b", tmp_path, progress=False)
     broken = tmp_path / "broken"
