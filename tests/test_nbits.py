@@ -149,8 +149,10 @@ def test_shipped_settings_match_the_model_on_dequantized_weights(tiny_checkpoint
     assert (np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)).max() <= 0.1
 
 
-# random tiny weights make the final hidden states sensitive (see above); at the 3B shapes, issue 18 item 8
-@pytest.mark.parametrize("variant, min_cosine", [("int8", 0.99), ("int4", 0.8)])
+# Random tiny weights make the final hidden states sensitive (see above): over 15 runs of fresh inputs the
+# smallest cosine was 0.996 for int8 and 0.54 for int4 (median 0.81). A misread weight gives ~0 (hidden size
+# 64: 0 +- 0.12), so 0.4 still separates; quality at the 3B shapes is issue 18 item 8.
+@pytest.mark.parametrize("variant, min_cosine", [("int8", 0.99), ("int4", 0.4)])
 def test_quantized_hidden_states_stay_close_to_the_float_model(tiny_checkpoint: Path, bundles: dict, variant: str,
                                                                min_cosine: float) -> None:
     model = load_model(tiny_checkpoint, dtype=torch.float32)
