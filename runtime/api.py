@@ -16,7 +16,10 @@ padding rows: they decode to nothing, as in the ``tokenizers`` library) and ``ti
 
 ``constrain_phrases=True`` (structured decoding, detection and pointing): each phrase is
 one of the requested categories, chosen among their tokens (``rexedge.runtime.decode.phrases``);
-by default phrases are free text, as the model writes them.
+by default phrases are free text, as the model writes them. Structured boxes are always
+well-ordered (x1 > x0, y1 > y0); with constrained phrases each category is answered at most once.
+``none_by_mass=True`` (structured): a category gets a box rather than "None" when the coordinate
+tokens' total probability exceeds "None"'s (``rexedge.runtime.decode.loop``).
 
 Pipelines on top (docs/pipelines.md): ``model.stream(source, ...)`` yields results frame by
 frame from a video file, camera, URL or iterable of frames (``rexedge.runtime.pipelines.stream``);
@@ -79,6 +82,7 @@ class RexOmni:
         max_boxes: int = 1000,
         seed: int | None = None,
         constrain_phrases: bool = False,
+        none_by_mass: bool = False,
         **backend_options: Any,
     ) -> None:
         if isinstance(backend, str):
@@ -98,7 +102,7 @@ class RexOmni:
         head = self.backend.make_head(sampling)
         self.constrain_phrases = constrain_phrases
         self.loop = DecodeLoop(self.backend, head, self.ids, mode=decoding,
-                               limits=Limits(max_new_tokens=max_tokens, max_boxes=max_boxes))
+                               limits=Limits(max_new_tokens=max_tokens, max_boxes=max_boxes), none_by_mass=none_by_mass)
 
     def inference(
         self,

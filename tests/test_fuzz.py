@@ -199,7 +199,7 @@ def fuzz_one(models: Models, rng: np.random.Generator, task: str, mode: str, imp
         assert result["padding_tokens"] == 0, "structured decoding chose a padding row"
         grammar = make_grammar(task, tokenizer.ids, (width, height), impl="python", decode=model.decode)
         for position, token in enumerate(out):
-            assert offered(*grammar.next(), token, tokenizer.ids, text), (position, token, out)
+            assert offered(*grammar.next(), token, tokenizer.ids, text, grammar.coord_range()), (position, token, out)
             grammar.advance(token)
     return result
 

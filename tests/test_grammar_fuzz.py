@@ -57,8 +57,10 @@ def build_cores(geometry: Geometry, caps: tuple[int, int], none: tuple[int, ...]
 def assert_same(c_core, py_core, tokens: list[int]) -> None:
     for i, t in enumerate(tokens):
         assert c_core.next() == py_core.next(), f"next() before token {i}"
+        assert c_core.coord_range() == py_core.coord_range(), f"coord_range() before token {i}"
         assert c_core.advance(t) == py_core.advance(t), f"event of token {i} ({t})"
     assert c_core.next() == py_core.next()
+    assert c_core.coord_range() == py_core.coord_range()
 
 
 @FUZZ
@@ -81,6 +83,7 @@ def test_walks_along_next_agree_and_spell_the_grammar(core: tuple, data: st.Data
     while len(tokens) < 300:
         kind, allowed = c_core.next()
         assert (kind, allowed) == py_core.next()
+        assert c_core.coord_range() == py_core.coord_range()
         if kind == DONE:
             break
         if data.draw(st.integers(0, 39)) == 0:
@@ -91,7 +94,9 @@ def test_walks_along_next_agree_and_spell_the_grammar(core: tuple, data: st.Data
         elif kind == CHOICE:  # mostly the first: another group, another geometry
             chosen = [allowed[0] if data.draw(st.integers(0, 3)) else allowed[-1]]
         elif kind == COORD:
-            coord = st.integers(TINY_IDS.coord_start, TINY_IDS.coord_start + 999)
+            # half the time inside coord_range() (structured decoding), else anywhere (exact mode)
+            start, stop = c_core.coord_range() if data.draw(st.booleans()) else (TINY_IDS.coord_start, TINY_IDS.coord_start + 1000)
+            coord = st.integers(start, stop - 1)
             chosen = [data.draw(st.one_of(coord, st.sampled_from(allowed)) if allowed else coord)]
         else:
             assert kind == FREE
@@ -102,6 +107,40 @@ def test_walks_along_next_agree_and_spell_the_grammar(core: tuple, data: st.Data
             assert c_core.advance(t) == py_core.advance(t)
     if obeyed and geometry != Geometry.TEXT and c_core.next()[0] == DONE:
         assert re.fullmatch(response_pattern(geometry, len(none)), spell(tokens)), spell(tokens)
+
+
+@FUZZ
+@given(core=cores, data=st.data())
+def test_walks_inside_coord_range_give_well_ordered_boxes(core: tuple, data: st.DataObject) -> None:
+    """A walk that obeys next() and coord_range() (structured decoding): every box has x1 > x0 and y1 > y0;
+    points and polygons may take any coordinate; coord_range() is never empty."""
+    geometry, caps, none = core
+    c_core, py_core = build_cores(geometry, caps, none)
+    for _ in range(300):
+        kind, allowed = c_core.next()
+        start, stop = c_core.coord_range()
+        assert (kind, allowed, (start, stop)) == (*py_core.next(), py_core.coord_range())
+        assert TINY_IDS.coord_start <= start < stop <= TINY_IDS.coord_start + 1000
+        if geometry != Geometry.BOX:
+            assert (start, stop) == (TINY_IDS.coord_start, TINY_IDS.coord_start + 1000)
+        if kind == DONE:
+            break
+        if kind == FORCED:
+            chosen = list(allowed)
+        elif kind == COORD:
+            # the edges of the range often: x0 = <998>, x1 = x0 + 1
+            coord = st.one_of(st.integers(start, stop - 1), st.sampled_from([start, stop - 1]))
+            chosen = [data.draw(st.one_of(coord, st.sampled_from(allowed)) if allowed else coord)]
+        elif kind == CHOICE:
+            chosen = [allowed[0] if data.draw(st.integers(0, 3)) else allowed[-1]]
+        else:
+            chosen = [data.draw(st.sampled_from([TINY_IDS.object_ref_end, TINY_IDS.im_end, 5]))]
+        for t in chosen:
+            event = c_core.advance(t)
+            assert event == py_core.advance(t)
+            if event and geometry == Geometry.BOX and event[1]:
+                x0, y0, x1, y1 = event[1]
+                assert x1 > x0 and y1 > y0, event
 
 
 def spell(tokens: list[int]) -> str:

@@ -24,6 +24,7 @@ from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE, make_grammar
 from rexedge.runtime.decode.head import NumpyHead, Sampling
 from rexedge.runtime.decode.loop import MAX_STEP_TOKENS, DecodeLoop, DecodingError, Generation, Limits
+from rexedge.runtime.decode.phrases import PhrasesLeft
 from rexedge.runtime.request.tokenizer import TokenIds, Tokenizer
 
 HIDDEN = 16
@@ -183,12 +184,14 @@ def text_ids(tokenizer: Tokenizer, vocab: int) -> np.ndarray:
     return np.flatnonzero(ordinary)
 
 
-def offered(kind, allowed: tuple[int, ...], token: int, ids: TokenIds, text: np.ndarray) -> bool:
-    """Whether the documented grammar allows `token` where next() said (kind, allowed)."""
+def offered(kind, allowed: tuple[int, ...], token: int, ids: TokenIds, text: np.ndarray,
+            coord_range: tuple[int, int]) -> bool:
+    """Whether structured decoding allows `token` where next() said (kind, allowed) and coord_range() the
+    coordinates (the documented grammar, boxes well-ordered)."""
     if kind == FREE:
         return not allowed or token in allowed or token in text
     if kind == COORD:
-        return ids.is_coord(token) or token in allowed
+        return coord_range[0] <= token < coord_range[1] or token in allowed
     if kind == CHOICE:
         return token in allowed
     if kind == FORCED:
@@ -226,8 +229,8 @@ class GrammarFollowingBackend(RecordingBackend):
         elif kind == FREE:
             target = allowed[0] if allowed and rng.random() < 0.3 else int(rng.choice(self.text))
         elif kind == COORD:
-            target = int(rng.choice(allowed)) if allowed and rng.random() < 0.3 else ids.coord_start + int(
-                rng.integers(0, ids.num_coords))
+            target = int(rng.choice(allowed)) if allowed and rng.random() < 0.3 else int(
+                rng.integers(*grammar.coord_range()))
         else:
             # CHOICE: mostly the first id (a new group, another geometry) so that answers run on
             target = allowed[int(rng.random() < 0.25)] if kind == CHOICE else allowed[0]
@@ -259,8 +262,9 @@ def test_exact_and_structured_agree_while_the_model_follows_the_grammar(tokenize
         for token in structured[:split]:
             grammar.advance(token)
         kind, allowed = grammar.next()
-        assert not offered(kind, allowed, exact[split], ids, backend.text), (seed, split, kind, allowed)
-        assert offered(kind, allowed, structured[split], ids, backend.text)
+        coords = grammar.coord_range()
+        assert not offered(kind, allowed, exact[split], ids, backend.text, coords), (seed, split, kind, allowed)
+        assert offered(kind, allowed, structured[split], ids, backend.text, coords)
         long_agreements += split >= 10
     assert identical and long_agreements, (identical, long_agreements)
 
@@ -410,23 +414,27 @@ def test_max_boxes(tokenizer: Tokenizer) -> None:
     assert gen.token_ids[-1] == tokenizer.ids.coord_start + boxes[2][3]
 
 
-@pytest.mark.parametrize("task, geoms, kept", [
-    ("detection", [(1, 2, 3, 4), (0, 0, 0, 0), (5, 6, 7, 8)], [(1, 2, 3, 4)]),   # the zero box is not kept
-    ("ocr_polygon", [(9, 9, 0, 0, 0, 0, 5, 5)], []),                              # inside a polygon
+@pytest.mark.parametrize("task, mode, geoms, kept", [
+    # a zero box is out of order: only exact mode writes one (structured boxes have x1 > x0)
+    ("detection", "exact", [(1, 2, 3, 4), (0, 0, 0, 0), (5, 6, 7, 8)], [(1, 2, 3, 4)]),   # not kept
+    ("ocr_polygon", "structured", [(9, 9, 0, 0, 0, 0, 5, 5)], []),                         # inside a polygon
 ])
-def test_four_zero_coordinates_in_a_row_stop(tokenizer: Tokenizer, task: str, geoms: list, kept: list) -> None:
-    script = plan(tokenizer.ids, [(cup(tokenizer), geoms)])
-    gen, _, _ = scripted(tokenizer, script, task=task)
+def test_four_zero_coordinates_in_a_row_stop(tokenizer: Tokenizer, task: str, mode: str, geoms: list,
+                                             kept: list) -> None:
+    script = (full if mode == "exact" else plan)(tokenizer.ids, [(cup(tokenizer), geoms)])
+    gen, _, _ = scripted(tokenizer, script, task=task, mode=mode)
     assert gen.stop_reason == "zero_box" and [d.bins for d in gen.detections] == kept
     assert tokenizer.decode(gen.token_ids).endswith("<0><0><0><0>")
-    gen, _, _ = scripted(tokenizer, script, task=task, limits=Limits(stop_on_zero_box=False, stop_on_repeated_box=False))
+    gen, _, _ = scripted(tokenizer, script, task=task, mode=mode,
+                         limits=Limits(stop_on_zero_box=False, stop_on_repeated_box=False))
     assert gen.stop_reason == "eos" and [d.bins for d in gen.detections] == geoms
 
 
 def test_zeros_split_by_a_comma_are_no_stop(tokenizer: Tokenizer) -> None:
-    # "<5><6><0><0>,<0><0><9><9>" does not hold the reference's stop string "<0><0><0><0>"
+    # "<5><6><0><0>,<0><0><9><9>" does not hold the reference's stop string "<0><0><0><0>" (exact mode: the
+    # first box is out of order)
     boxes = [(5, 6, 0, 0), (0, 0, 9, 9)]
-    gen, _, _ = scripted(tokenizer, plan(tokenizer.ids, [(cup(tokenizer), boxes)]))
+    gen, _, _ = scripted(tokenizer, full(tokenizer.ids, [(cup(tokenizer), boxes)]), mode="exact")
     assert gen.stop_reason == "eos" and [d.bins for d in gen.detections] == boxes
 
 
@@ -435,12 +443,12 @@ def test_repeated_box_stops(tokenizer: Tokenizer) -> None:
     other = tokenizer.encode_text("door handle")
     # the same bins under another phrase are no repeat
     script = plan(ids, [(cup(tokenizer), [(1, 2, 3, 4), (5, 6, 7, 8)]), (other, [(1, 2, 3, 4), (5, 6, 7, 8)]),
-                        (cup(tokenizer), [(9, 9, 9, 9), (5, 6, 7, 8), (4, 4, 4, 4)])])
+                        (cup(tokenizer), [(9, 9, 10, 10), (5, 6, 7, 8), (4, 4, 5, 5)])])
     gen, _, head = scripted(tokenizer, script)
     assert gen.stop_reason == "repeated_box"
     assert [(d.phrase, d.bins) for d in gen.detections] == [
         ("cup", (1, 2, 3, 4)), ("cup", (5, 6, 7, 8)), ("door handle", (1, 2, 3, 4)), ("door handle", (5, 6, 7, 8)),
-        ("cup", (9, 9, 9, 9))]
+        ("cup", (9, 9, 10, 10))]
     assert gen.token_ids[-1] == ids.coord_start + 8 and len(head.script) == 7  # stopped at the repeat's last bin
     gen, _, _ = scripted(tokenizer, script, limits=Limits(stop_on_repeated_box=False))
     assert gen.stop_reason == "eos" and len(gen.detections) == 7
@@ -534,7 +542,7 @@ class Schedule:
 
     Each step the loop sends is cut, by the documented grammar (the Python core) and the phrase
     table, into a chosen token and the forced runs after it (FORCED ids; a category's unique
-    rest). ``split=True`` is the reference: the backend is stepped on the schedule the loop had
+    rest, among the categories not yet answered; <|im_end|> once all are). ``split=True`` is the reference: the backend is stepped on the schedule the loop had
     before forced tokens rode with the choice before them, each chosen token alone and each
     forced run alone. ``max_context`` (the capacity the loop sees) may be below the backend's."""
 
@@ -547,17 +555,24 @@ class Schedule:
         ids = self.tokenizer.ids
         self.grammar = make_grammar(self.task, ids, IMAGE_SIZE, impl="python", decode=self.tokenizer.decode)
         self.phrase: tuple[int, ...] = ()
+        self.left = None if self.phrases is None else PhrasesLeft(self.phrases)
         self.received: list[list[int]] = []             # the steps the loop sent
         self.runs: list[tuple[list[int], bool]] = []    # (tokens, forced) of the old schedule
+        self.pending = 0                                # ids of a forced run left for the next step
+        self.continued: set[int] = set()                # runs that continue the one before (past a step's end)
         self.backend_steps = 0
         return self.backend.prefill(inputs_embeds, position_ids)
 
     def _segment(self) -> tuple[int, bool]:
         """Length of what comes next and whether it is forced (1, False: a chosen token)."""
+        if self.pending:
+            return self.pending, True
         kind, allowed = self.grammar.next()
-        if kind == FREE and allowed and self.phrases is not None:
-            forced, options = self.phrases.get(self.phrase, (True, allowed))
+        if kind == FREE and allowed and self.left is not None:
+            forced, options = self.left.step(self.phrase, (True, allowed))
             return (len(options), True) if forced else (1, False)
+        if kind == CHOICE and self.left is not None and self.left.exhausted and self.tokenizer.ids.im_end in allowed:
+            return 1, True
         return (len(allowed), True) if kind == FORCED else (1, False)
 
     def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -567,6 +582,9 @@ class Schedule:
         while start < token_ids.size:
             length, forced = self._segment()
             stop = min(start + length, token_ids.size)
+            if self.pending:
+                self.continued.add(len(self.runs))
+            self.pending = length - (stop - start) if forced else 0
             self.runs.append((token_ids[start:stop].tolist(), forced))
             if self.split:
                 hidden = self.backend.step(token_ids[start:stop].copy(), position_ids[:, start:stop].copy())
@@ -577,6 +595,8 @@ class Schedule:
                     self.phrase = ()
                 elif kind == FREE and allowed:  # phrase text
                     self.phrase += (token,)
+                    if self.left is not None and token == self.tokenizer.ids.object_ref_end:
+                        self.left.answered(self.phrase)
                 self.grammar.advance(token)
             start = stop
         if not self.split:
@@ -653,7 +673,10 @@ def test_merged_steps_give_the_tokens_of_the_old_schedule(real_model) -> None:
             assert gen.token_ids == ref.token_ids and gen.stop_reason == ref.stop_reason, (task, constrain, seed)
             assert [(d.phrase, d.bins) for d in gen.detections] == [(d.phrase, d.bins) for d in ref.detections]
             np.testing.assert_allclose([d.score for d in gen.detections], [d.score for d in ref.detections], rtol=1e-4)
-            assert merged.runs == old.runs and gen.forced_tokens == sum(len(t) for t, forced in old.runs if forced)
+            # the last token is never run: a forced <|im_end|> (every category answered) is not among the runs
+            last_forced = gen.stop_reason == "eos" and merged.left is not None and merged.left.exhausted
+            assert merged.runs == old.runs
+            assert gen.forced_tokens == sum(len(t) for t, forced in old.runs if forced) + last_forced
             # a forced run follows a chosen token (or, past MAX_STEP_TOKENS, continues in a step of forced ids)
             forced_runs = sum(forced for _, forced in old.runs)
             assert merged.backend_steps == len(merged.received) == sum(gen.steps.values())
@@ -679,7 +702,9 @@ def test_guards_inside_a_merged_step_on_a_real_backend(real_model) -> None:
         gen, _, _ = decode(real_model, "detection", seed, True, False, Limits(max_new_tokens=n))
         assert gen.token_ids == answer_ids[:n]
         assert gen.stop_reason == ("eos" if n == len(answer_ids) else "max_new_tokens")
-    ends = np.cumsum([len(tokens) for tokens, _ in old.runs])   # output length after each run of the old schedule
+    # output length after each run of the old schedule (a run longer than a step is one run)
+    ends = [end for i, end in enumerate(np.cumsum([len(tokens) for tokens, _ in old.runs]))
+            if i + 1 not in old.continued]
     for room in range(0, int(ends[-1]) + 1):
         gen, merged, _ = decode(real_model, "detection", seed, True, False, unlimited, max_context=prompt_length + room)
         overflow = next((int(end) for end in ends if end > room), None)

@@ -209,7 +209,11 @@ def _add_request_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoding", choices=["structured", "exact"], default="structured")
     p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--constrain-phrases", action="store_true",
-                   help="structured detection/pointing: each phrase is one of the categories (default: free text)")
+                   help="structured detection/pointing: each phrase is one of the categories, each at most once "
+                   "(default: free text)")
+    p.add_argument("--none-by-mass", action="store_true",
+                   help="structured: answer a category with a box when the coordinate tokens' total probability "
+                   "exceeds that of None (default: the single most likely token decides)")
 
 
 def model_from_args(args: argparse.Namespace, model_path=None):
@@ -228,7 +232,8 @@ def model_spec(args: argparse.Namespace, model_path=None) -> tuple[Path, dict]:
     if str(model_path) == "demo" and not Path("demo").exists():
         model_path = DEMO_BUNDLE
     return Path(model_path), dict(backend=args.backend, device=args.device, decoding=args.decoding,
-                                  max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases)
+                                  max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases,
+                                  none_by_mass=args.none_by_mass)
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -306,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", default="rexedge-demo.png", metavar="OUT.png", help="annotated image to write")
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of printing it")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.set_defaults(handler=_demo, backend="ort")
+    p.set_defaults(handler=_demo, backend="ort", none_by_mass=False)
 
     p = sub.add_parser("video", help="detections frame by frame from a video file, camera, URL or GStreamer pipeline")
     p.add_argument("input", metavar="INPUT", help="video file, camera index (0, 1, ...), URL, or GStreamer pipeline")

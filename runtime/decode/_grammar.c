@@ -433,6 +433,23 @@ static PyObject *core_advance(PyObject *op, PyObject *arg) {
     }
 }
 
+/* (start, stop) coordinate ids the next coordinate may take for a well-ordered box (grammar.py's docstring) */
+static PyObject *core_coord_range(PyObject *op, PyObject *unused) {
+    GrammarCore *g = (GrammarCore *)op;
+    long long start = g->coord_start, stop = g->coord_stop;
+    (void)unused;
+    if (g->geometry == GEOM_BOX && (g->state == S_PAYLOAD_START || g->state == S_GEOM)) {
+        Py_ssize_t slot = g->state == S_GEOM ? g->bins_len : 0;
+        if (slot < 2) {
+            stop -= 1;
+        } else {
+            long long low = start + g->bins[slot - 2] + 1;
+            start = low < stop - 1 ? low : stop - 1;
+        }
+    }
+    return Py_BuildValue("(LL)", start, stop);
+}
+
 static PyObject *core_reset(PyObject *op, PyObject *unused) {
     (void)unused;
     reset_state((GrammarCore *)op);
@@ -442,6 +459,7 @@ static PyObject *core_reset(PyObject *op, PyObject *unused) {
 static PyMethodDef core_methods[] = {
     {"next", core_next, METH_NOARGS, "(kind, ids): what may come next; one cached tuple per state."},
     {"advance", core_advance, METH_O, "Consume one token id; None, or (phrase ids, bins) of what it completed."},
+    {"coord_range", core_coord_range, METH_NOARGS, "(start, stop): the ids the next coordinate may take, boxes well-ordered."},
     {"reset", core_reset, METH_NOARGS, "Back to the start of a response."},
     {NULL, NULL, 0, NULL},
 };

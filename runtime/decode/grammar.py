@@ -25,6 +25,13 @@ token):
 - ``FORCED, ids``: ``ids`` must follow in this order (jump-forward may append them all).
 - ``DONE, ()``: the response ended.
 
+``coord_range()`` returns ``(start, stop)``: the coordinate token ids the next coordinate may
+take so that a box is well-ordered (structured decoding restricts the head to them; exact
+mode ignores them and the grammar accepts any order). For the 1st and 2nd coordinate of a
+box (x0, y0) it is <0>..<998>, so that x1 > x0 and y1 > y0 always have room; for the 3rd
+(x1) <x0+1>..<999>, for the 4th (y1) <y0+1>..<999>. Points, polygons and every other state:
+all 1,000. (A box fed out of order, x0 = <999>, gets <999> alone: never empty.)
+
 When things complete:
 
 - A box is emitted by its 4th coordinate, a point by its 2nd; a polygon by the "," or
@@ -243,6 +250,15 @@ class ReferenceGrammarCore:
             return self._next_sep_open
         return self._next_done
 
+    def coord_range(self) -> tuple[int, int]:
+        start, stop = self._coord_start, self._coord_stop
+        if self._geometry is not Geometry.BOX or self._state not in (_State.PAYLOAD_START, _State.GEOM):
+            return start, stop
+        slot = len(self._bins) if self._state is _State.GEOM else 0
+        if slot < 2:
+            return start, stop - 1
+        return min(start + self._bins[slot - 2] + 1, stop - 1), stop
+
     def advance(self, token_id: int) -> CoreEvent | None:
         token = operator.index(token_id)
         state = self._state
@@ -373,14 +389,16 @@ def _check_core_arguments(geometry: int, coord_start: int, num_coords: int, endo
 
 
 class Grammar:
-    """The grammar of one response: ``next()``, ``advance(id)``, ``detections``, ``absent``, ``reset()``.
+    """The grammar of one response: ``next()``, ``coord_range()``, ``advance(id)``, ``detections``, ``absent``,
+    ``reset()``.
 
-    ``next()`` is the core's own method (no Python frame in between: it runs once per
+    ``next()`` and ``coord_range()`` are the core's own methods (no Python frame in between: it runs once per
     generated token). ``advance`` returns the ``Detection``s the id completed (an empty
     tuple nearly always).
     """
 
     next: Callable[[], tuple[NextKind, tuple[int, ...]]]
+    coord_range: Callable[[], tuple[int, int]]
 
     def __init__(self, core: Any, geometry: Geometry, image_size: tuple[int, int],
                  decode: Callable[[list[int]], str]) -> None:
@@ -389,6 +407,7 @@ class Grammar:
         self._width, self._height = image_size
         self._decode = decode
         self.next = core.next
+        self.coord_range = core.coord_range
         self._core_advance = core.advance
         self._detections: list[Detection] = []
         self._absent: list[str] = []

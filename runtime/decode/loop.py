@@ -17,6 +17,15 @@ the choice of token run here (or, on a GPU backend, in the backend's own head). 
   them. A step appends at most ``MAX_STEP_TOKENS``; a longer run continues in further
   steps.
 
+  Structured answers are never impossible: a box's coordinates come from the rows the grammar's
+  ``coord_range()`` leaves (x0, y0 in <0>..<998>; x1 > x0, y1 > y0), and with ``phrases`` each
+  category is answered at most once (``PhrasesLeft``; when all are answered the response ends).
+  ``none_by_mass`` (structured, off by default): at the choice between "None" and a first
+  coordinate the box wins when the coordinate rows' total probability exceeds "None"'s, and
+  its first coordinate is the most likely one; the single most likely token decides otherwise
+  (a box's probability spread over many coordinates loses to a lone "None"). The rule is
+  deterministic: with sampling it overrides a sampled "None" that has less mass than the box.
+
 Step accounting (``Generation.steps``): backend steps by the kind of the head's choice
 that opened them (free / coord / choice); ``forced`` counts steps that hold forced tokens
 only (the continuation of a run longer than ``MAX_STEP_TOKENS``).
@@ -43,7 +52,7 @@ import numpy as np
 from rexedge.runtime.backends.base import Backend
 from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE, NextKind
 from rexedge.runtime.decode.head import Head
-from rexedge.runtime.decode.phrases import PhraseTable
+from rexedge.runtime.decode.phrases import PhrasesLeft, PhraseTable
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.request.encode import embed_prompt
 from rexedge.runtime.request.tokenizer import TokenIds
@@ -134,10 +143,13 @@ class DecodeLoop:
     """Drives one backend and one head; reused across images (buffers are allocated once)."""
 
     def __init__(self, backend: Backend, head: Head, ids: TokenIds, mode: str = "structured",
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), none_by_mass: bool = False) -> None:
         if mode not in MODES:
             raise DecodingError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
+        if none_by_mass and mode != "structured":
+            raise DecodingError("none_by_mass needs structured decoding; exact mode stays the reference's greedy")
         self.backend, self.head, self.ids, self.mode, self.limits = backend, head, ids, mode, limits
+        self.none_by_mass = none_by_mass
         self._positions = np.empty((3, MAX_STEP_TOKENS), dtype=np.int64)
         self._token = np.empty(MAX_STEP_TOKENS, dtype=np.int64)
         self._offsets = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
@@ -158,7 +170,7 @@ class DecodeLoop:
             self._blocked_by_allowed[key] = blocked
         return blocked
 
-    def _what_next(self, grammar, phrases: PhraseTable | None,
+    def _what_next(self, grammar, phrases: PhrasesLeft | None,
                    phrase: tuple[int, ...]) -> tuple[NextKind, tuple[int, ...], bool]:
         """(kind, ids, in_phrase): DONE; FORCED (ids follow in order); or the head chooses at a FREE
         (ids: what a phrase may use besides text, or () for anything), COORD or CHOICE step."""
@@ -170,22 +182,31 @@ class DecodeLoop:
         if kind == FREE and allowed:
             # a FREE step with ids is phrase text: no coordinate or special token but those ids
             if phrases is not None:
-                forced, options = phrases.get(phrase, (True, allowed))
+                forced, options = phrases.step(phrase, (True, allowed))
                 return (FORCED if forced else CHOICE), options, True
             return FREE, allowed, True
+        if phrases is not None and phrases.exhausted and kind == CHOICE and self.ids.im_end in allowed:
+            return FORCED, (self.ids.im_end,), False   # every category answered: no group may follow
         return kind, allowed, False
 
-    def _choose(self, kind: NextKind, allowed: tuple[int, ...], in_phrase: bool,
+    def _choose(self, grammar, kind: NextKind, allowed: tuple[int, ...], in_phrase: bool,
                 hidden: np.ndarray) -> tuple[int, float]:
         ids, head = self.ids, self.head
         if kind == COORD:
-            return head.choose_range(hidden, ids.coord_start, ids.coord_start + ids.num_coords, allowed)
+            start, stop = grammar.coord_range()
+            token, prob = head.choose_range(hidden, start, stop, allowed)
+            if self.none_by_mass and allowed == (ids.none[0],) and token == ids.none[0] and prob < 0.5:
+                # the coordinate rows hold 1 - prob > prob: the box wins, at its most likely first coordinate;
+                # that coordinate's probability among all rows = its share of the coordinates x their mass
+                token, share = head.choose_range(hidden, start, stop)
+                prob = share * (1.0 - prob)
+            return token, prob
         if kind == CHOICE:
             return head.choose_ids(hidden, allowed)
         # exact mode is the reference's full vocabulary, padding rows included
         return head.choose_full(hidden, None if self.mode == "exact" else self._blocked(allowed, in_phrase))
 
-    def _next_run(self, grammar, phrases: PhraseTable | None, answer: _Answer, hidden: np.ndarray,
+    def _next_run(self, grammar, phrases: PhrasesLeft | None, answer: _Answer, hidden: np.ndarray,
                   room: int) -> tuple[NextKind, list[int], str | None]:
         """Decide the tokens of the next backend step, adding each to ``answer``: the head's choice at
         ``hidden`` (unless the grammar forces what comes first), then every forced token after it.
@@ -199,18 +220,21 @@ class DecodeLoop:
             if kind == DONE:
                 return step_kind, tokens, "grammar_done"
             if kind == FORCED:
-                if len(tokens) > room:
+                # a run that ends the response (every category answered: <|im_end|>) needs no KV slot
+                if len(tokens) > room and allowed[-1] not in self._stop_ids:
                     return step_kind, tokens, None
                 new = [(t, 1.0) for t in allowed[: self.limits.max_new_tokens - len(answer.tokens)]]
                 answer.forced += len(new)
             elif tokens:
                 return step_kind, tokens, None   # this choice needs the hidden state after `tokens`
             else:
-                step_kind, new = kind, [self._choose(kind, allowed, in_phrase, hidden)]
+                step_kind, new = kind, [self._choose(grammar, kind, allowed, in_phrase, hidden)]
             for token, prob in new:
                 tokens.append(token)
                 self.head.observe(token)
                 stop = answer.append(token, prob, in_phrase)
+                if phrases is not None and in_phrase and token == self.ids.object_ref_end:
+                    phrases.answered(answer.phrase)
                 if stop:
                     return step_kind, tokens, stop
         return step_kind, tokens, "max_new_tokens"   # nothing follows the last token: it needs no step
@@ -228,7 +252,7 @@ class DecodeLoop:
         """Prefill the prompt (image embeddings at its image tokens) and decode under ``grammar``.
 
         ``phrases`` (structured mode): constrain each phrase to one of these token sequences
-        (``rexedge.runtime.decode.phrases``); None keeps phrases free text.
+        (``rexedge.runtime.decode.phrases``), each answered at most once; None keeps phrases free text.
         """
         ids, backend = self.ids, self.backend
         t0 = time.perf_counter()
@@ -238,12 +262,14 @@ class DecodeLoop:
         prefill_s = time.perf_counter() - t0
 
         answer = _Answer(ids, grammar, self.limits, self._stop_ids)
+        phrases_left = None if phrases is None or self.mode == "exact" else PhrasesLeft(phrases)
         steps = {kind.label: 0 for kind in (FREE, COORD, CHOICE, FORCED)}
         backend_s = 0.0
         cache_len = len(prompt_ids)
         t1 = time.perf_counter()
         while True:
-            kind, tokens, stop_reason = self._next_run(grammar, phrases, answer, hidden, backend.max_context - cache_len)
+            kind, tokens, stop_reason = self._next_run(grammar, phrases_left, answer, hidden,
+                                                       backend.max_context - cache_len)
             if stop_reason is None and cache_len + len(tokens) > backend.max_context:
                 stop_reason = "context_full"
             if stop_reason is not None:

@@ -10,6 +10,9 @@ vocabulary) and appends a category's unique remainder in one step (jump-forward)
 ``PhraseTable`` maps each phrase prefix (token ids after <|object_ref_start|>) to the step
 that follows it: ``(False, ids)``, choose one of ids; ``(True, ids)``, append ids. Every
 path ends with <|object_ref_end|>.
+
+``PhrasesLeft`` is one response's view of a table: each category is answered at most once
+(a phrase, once closed, is no longer offered; once every one is answered the response ends).
 """
 
 from __future__ import annotations
@@ -43,3 +46,44 @@ def phrase_table(phrases: Sequence[Sequence[int]], close_id: int) -> PhraseTable
             cursor += (token,)
         table[prefix] = (True, tuple(run))
     return table
+
+
+class PhrasesLeft:
+    """The table's phrases not yet answered in one response; the decode loop makes one per response."""
+
+    def __init__(self, table: PhraseTable) -> None:
+        self._table = table
+        self._left = set(_phrases_of(table))
+
+    def step(self, prefix: tuple[int, ...], default: PhraseStep) -> PhraseStep:
+        """The table's step after ``prefix`` without the answered phrases (``default`` where the table has none).
+
+        A branch left with one way on is forced: no head call for a choice that is no choice."""
+        forced, ids = self._table.get(prefix, default)
+        if forced:
+            return forced, ids
+        depth = len(prefix)
+        live = tuple(i for i in ids if any(len(p) > depth and p[depth] == i and p[:depth] == prefix for p in self._left))
+        return len(live) == 1, live
+
+    def answered(self, phrase: tuple[int, ...]) -> None:
+        """``phrase`` (its ids, the closing id included) was written: never offer it again."""
+        self._left.discard(phrase)
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._left
+
+
+def _phrases_of(table: PhraseTable) -> list[tuple[int, ...]]:
+    """Every complete phrase of the table (closing id included): the leaves of its walks from ()."""
+    found, pending = [], [()]
+    while pending:
+        prefix = pending.pop()
+        step = table.get(prefix)
+        if step is None:     # past the closing id: a complete phrase
+            found.append(prefix)
+            continue
+        forced, ids = step
+        pending.extend([prefix + ids] if forced else [prefix + (i,) for i in ids])
+    return found
