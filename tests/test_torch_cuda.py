@@ -127,16 +127,19 @@ class StandInEvent:
 
 
 @pytest.mark.skipif(CUDA, reason="the real thing runs below where CUDA is present")
-@pytest.mark.parametrize("decoding", ["exact", "structured"])
-def test_cuda_backend_bookkeeping_on_cpu_stand_ins(tiny_checkpoint: Path, decoding: str,
+@pytest.mark.parametrize("decoding, head_graphs", [("exact", 64), ("structured", 64), ("structured", 2)])
+def test_cuda_backend_bookkeeping_on_cpu_stand_ins(tiny_checkpoint: Path, decoding: str, head_graphs: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """TorchCudaBackend and DeviceHead with CUDA's pieces replaced by CPU stand-ins (a graph that re-runs its
     body, events that do nothing, pinned memory that is plain memory; kernels under the interpreter): the
     packed inputs, cache length, one capture per step shape and the device head give the CPU backend's tokens.
+    With the head's graphs capped (``head_graphs``) the steps past the cap run uncaptured, to the same tokens.
     What a real capture bakes in (a Python value read at capture time) shows only on a GPU, in the test below."""
     from rexedge.runtime.model import checkpoint
     from rexedge.runtime.api import RexOmni
-    from rexedge.runtime.backends import torch_cuda
+    from rexedge.runtime.backends import device_head, torch_cuda
+
+    monkeypatch.setattr(device_head, "MAX_HEAD_GRAPHS", head_graphs)
 
     captured, heads = [], []
 
@@ -170,6 +173,7 @@ def test_cuda_backend_bookkeeping_on_cpu_stand_ins(tiny_checkpoint: Path, decodi
     # structured phrase steps block coordinate / special rows through the device mask; exact mode never does
     assert bool(heads[0]._blocked_masks) == (decoding == "structured")
     assert len(captured) == len(model.backend._graphs) + len(heads[0]._graphs) < len(cpu["output_token_ids"])
+    assert len(heads[0]._graphs) <= head_graphs
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

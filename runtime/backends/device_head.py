@@ -23,6 +23,12 @@ try:
 except ImportError:  # the runtime core installs without torch
     torch = None
 
+# The most head graphs one DeviceHead captures. Structured boxes restrict x1 and y1 to the rows above x0
+# and y0 (the grammar's coord_range), so the allowed range, part of a graph's key, takes up to 999 starts:
+# past this many shapes a step runs uncaptured (its few kernels launched one by one) instead of holding a
+# graph per start. The shapes that recur every answer (x0/y0, phrases, choices) come first and keep theirs.
+MAX_HEAD_GRAPHS = 64
+
 
 def capture(fn: Callable[[], None]) -> "torch.cuda.CUDAGraph":
     """Run ``fn`` once on a side stream (compiles the Triton kernels, creates library handles), then capture it.
@@ -132,9 +138,12 @@ class DeviceHead:
             self._noise[:, :n].uniform_(generator=self._generator)
         key = (start, stop, len(extra), use_blocked)
         graph = self._graphs.get(key)
-        if graph is None:
+        if graph is None and len(self._graphs) < MAX_HEAD_GRAPHS:
             graph = self._graphs[key] = self._capture(lambda: self._step(*key))
-        graph.replay()
+        if graph is None:
+            self._step(*key)
+        else:
+            graph.replay()
         self._result_host.copy_(self._result, non_blocking=True)
         self._copied.record()
         self._copied.synchronize()   # the one wait per token
