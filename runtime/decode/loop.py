@@ -22,9 +22,10 @@ the choice of token run here (or, on a GPU backend, in the backend's own head). 
   category is answered at most once (``PhrasesLeft``; when all are answered the response ends).
   ``none_by_mass`` (structured, off by default): at the choice between "None" and a first
   coordinate the box wins when the coordinate rows' total probability exceeds "None"'s, and
-  its first coordinate is the most likely one; the single most likely token decides otherwise
-  (a box's probability spread over many coordinates loses to a lone "None"). The rule is
-  deterministic: with sampling it overrides a sampled "None" that has less mass than the box.
+  its first coordinate is the head's choice among the coordinate rows (greedy: the most likely);
+  by default the single most likely token decides (a box's probability spread over many
+  coordinates loses to a lone "None"). With sampling the rule overrides a sampled "None" that
+  has less mass than the box.
 
 Step accounting (``Generation.steps``): backend steps by the kind of the head's choice
 that opened them (free / coord / choice); ``forced`` counts steps that hold forced tokens

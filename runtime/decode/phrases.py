@@ -63,7 +63,8 @@ class PhrasesLeft:
         if forced:
             return forced, ids
         depth = len(prefix)
-        live = tuple(i for i in ids if any(len(p) > depth and p[depth] == i and p[:depth] == prefix for p in self._left))
+        live = tuple(i for i in ids
+                     if any(len(p) > depth and p[depth] == i and p[:depth] == prefix for p in self._left))
         return len(live) == 1, live
 
     def answered(self, phrase: tuple[int, ...]) -> None:
