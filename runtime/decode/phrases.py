@@ -54,22 +54,28 @@ class PhrasesLeft:
     def __init__(self, table: PhraseTable) -> None:
         self._table = table
         self._left = set(_phrases_of(table))
+        self._steps: dict[tuple[int, ...], PhraseStep] = {}   # branch points filtered so far; valid until answered()
 
     def step(self, prefix: tuple[int, ...], default: PhraseStep) -> PhraseStep:
         """The table's step after ``prefix`` without the answered phrases (``default`` where the table has none).
 
-        A branch left with one way on is forced: no head call for a choice that is no choice."""
+        A branch left with one way on is forced: no head call for a choice that is no choice. A branch point is
+        filtered once per answered set, not at every step that reaches it."""
         forced, ids = self._table.get(prefix, default)
         if forced:
             return forced, ids
-        depth = len(prefix)
-        live = tuple(i for i in ids
-                     if any(len(p) > depth and p[depth] == i and p[:depth] == prefix for p in self._left))
-        return len(live) == 1, live
+        step = self._steps.get(prefix)
+        if step is None:
+            depth = len(prefix)
+            live = tuple(i for i in ids
+                         if any(len(p) > depth and p[depth] == i and p[:depth] == prefix for p in self._left))
+            step = self._steps[prefix] = (len(live) == 1, live)
+        return step
 
     def answered(self, phrase: tuple[int, ...]) -> None:
         """``phrase`` (its ids, the closing id included) was written: never offer it again."""
         self._left.discard(phrase)
+        self._steps.clear()
 
     @property
     def exhausted(self) -> bool:
