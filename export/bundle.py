@@ -68,7 +68,9 @@ def _dim_ranges(cfg: RexOmniConfig, flavour: str) -> dict[str, dict[str, tuple[i
     return {
         schema.VISION: {PATCHES: (min_patches, max_patches), MERGED: (min_patches // cfg.merge_unit, max_merged),
                    WINDOWS: (1, _max_windows(cfg, max_merged))},
-        schema.DECODER: {BATCH: (1, 1), TOKENS: (1, longest), **cache},
+        # the ort flavour's GroupQueryAttention steps rows of different lengths together (batched decoding);
+        # the trt flavour's profiles and Concat cache are batch 1
+        schema.DECODER: {BATCH: (1, schema.MAX_BATCH if flavour == "ort" else 1), TOKENS: (1, longest), **cache},
     }
 
 

@@ -21,6 +21,11 @@ well-ordered (x1 > x0, y1 > y0); with constrained phrases each category is answe
 ``none_by_mass=True`` (structured): a category gets a box rather than "None" when the coordinate
 tokens' total probability exceeds "None"'s (``rexedge.runtime.decode.loop``).
 
+``max_batch=N`` (backends ``ort`` and ``torch`` on the CPU): up to N requests decode together, one
+backend step for all of them (``rexedge.runtime.decode.loop``, ``DecodeLoop.run_batch``); a finished
+request's slot takes the next one at once. ``inference(images=[...])``, ``batch`` and ``streams`` use
+it; each answer is the one the request would get alone.
+
 Pipelines on top (docs/pipelines.md): ``model.stream(source, ...)`` yields results frame by
 frame from a video file, camera, URL or iterable of frames (``rexedge.runtime.pipelines.stream``);
 ``model.batch(inputs, out, ...)`` runs a folder, glob or list of images to resumable JSONL
@@ -34,14 +39,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from rexedge.runtime.backends import Backend, load_backend
 from rexedge.runtime.decode.grammar import Grammar, make_grammar
 from rexedge.runtime.decode.head import Sampling
-from rexedge.runtime.decode.loop import DecodeLoop, Limits
+from rexedge.runtime.decode.loop import DecodeLoop, Generation, Limits, SequenceInput
 from rexedge.runtime.decode.phrases import PhraseTable, phrase_table
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
@@ -52,6 +57,7 @@ from rexedge.runtime.results.result import Result, Timings
 
 # tasks whose phrases name a requested category (OCR phrases are recognized text)
 PHRASE_CONSTRAINED_TASKS = ("detection", "pointing")
+K = TypeVar("K")
 
 if TYPE_CHECKING:
     from rexedge.runtime.pipelines.batch import BatchSummary
@@ -83,14 +89,23 @@ class RexOmni:
         seed: int | None = None,
         constrain_phrases: bool = False,
         none_by_mass: bool = False,
+        max_batch: int = 1,
         **backend_options: Any,
     ) -> None:
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise RexEdgeError(f"max_batch must be a positive integer (sequences decoded together), got {max_batch!r}")
         if isinstance(backend, str):
+            if max_batch > 1:
+                backend_options["max_batch"] = max_batch
             self.backend = load_backend(backend, model_path, device=device, **backend_options)
         elif model_path is not None or device != "cpu" or backend_options:
             raise RexEdgeError("a backend object comes ready: pass model_path=None and no device or backend options")
         else:
             self.backend = backend
+            if max_batch > getattr(backend, "max_batch", 1):
+                raise RexEdgeError(f"max_batch={max_batch}, but the backend object steps at most "
+                                   f"{getattr(backend, 'max_batch', 1)} sequence(s) together")
+        self.max_batch = max_batch
         self.config = self.backend.config
         self.tokenizer = self.backend.tokenizer
         self.ids = self.tokenizer.ids
@@ -99,10 +114,12 @@ class RexOmni:
         # The official wrapper samples only when temperature > 0; top_p / top_k apply then.
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k if temperature > 0 else 0,
                             repetition_penalty=repetition_penalty, seed=seed)
-        head = self.backend.make_head(sampling)
+        # one head per slot: each keeps its sequence's seen-token record and sampling state
+        heads = [self.backend.make_head(sampling) for _ in range(max_batch)]
         self.constrain_phrases = constrain_phrases
-        self.loop = DecodeLoop(self.backend, head, self.ids, mode=decoding,
-                               limits=Limits(max_new_tokens=max_tokens, max_boxes=max_boxes), none_by_mass=none_by_mass)
+        self.loop = DecodeLoop(self.backend, heads[0], self.ids, mode=decoding,
+                               limits=Limits(max_new_tokens=max_tokens, max_boxes=max_boxes), none_by_mass=none_by_mass,
+                               heads=heads)
 
     def inference(
         self,
@@ -123,12 +140,18 @@ class RexOmni:
         if not batch:
             raise RexEdgeError("images: expected at least one image, got an empty list")
         per_image = _per_image_categories(categories, len(batch))
-        return [self._one(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order)
-                for image, cats in zip(batch, per_image)]
-
-    def _one(self, image: ImageInput, task: str, categories: Any, keypoint_type: str | None,
-             visual_prompt_boxes: Any, channel_order: str) -> dict[str, Any]:
-        return self.run(self.prepare(image, task, categories, keypoint_type, visual_prompt_boxes, channel_order))
+        if self.max_batch == 1:
+            return [self.run(self.prepare(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order))
+                    for image, cats in zip(batch, per_image)]
+        # decoded together (max_batch at a time); every request is checked before the first decodes
+        prepared = [self.prepare(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order)
+                    for image, cats in zip(batch, per_image)]
+        results: list[dict[str, Any] | None] = [None] * len(prepared)
+        for index, result in self.run_many(enumerate(prepared)):
+            if isinstance(result, Exception):
+                raise RexEdgeError(f"images[{index}]: {type(result).__name__}: {result}") from result
+            results[index] = result
+        return results
 
     def prepare(self, image: ImageInput, task: str = "detection", categories: Any = None,
                 keypoint_type: str | None = None, visual_prompt_boxes: Any = None,
@@ -161,12 +184,54 @@ class RexOmni:
 
         ``loop``: decode with this loop instead of the model's own (the benchmarks force answers with one
         around a scripted head and a timed backend)."""
-        pre, grammar = prepared.image, prepared.grammar
         t1 = time.perf_counter()
-        image_embeds = self.backend.encode_image(pre)
-        t2 = time.perf_counter()
-        gen = (loop or self.loop).run(prepared.prompt_ids, image_embeds, prepared.positions, prepared.rope_delta, grammar,
-                            prepared.phrases)
+        image_embeds = self.backend.encode_image(prepared.image)
+        vision_s = time.perf_counter() - t1
+        gen = (loop or self.loop).run(prepared.prompt_ids, image_embeds, prepared.positions, prepared.rope_delta,
+                                      prepared.grammar, prepared.phrases)
+        return self._result(prepared, gen, t1, vision_s)
+
+    def run_many(self, requests: Iterable[tuple[K, PreparedRequest | Exception]]
+                 ) -> Iterator[tuple[K, dict[str, Any] | Exception]]:
+        """Decode prepared requests ``max_batch`` at a time (``DecodeLoop.run_batch``): (key, result
+        dictionary) as each finishes, in the order they finish; a request's failure (an exception given
+        in its place, as a pipeline's failed preparation; or its image encoding or prefill failing) is
+        (key, the exception), and the others go on. ``requests`` is read as slots free up, so it may be
+        a generator that prepares ahead."""
+        started: dict[int, tuple[PreparedRequest, float, float]] = {}
+
+        def start_of(number: int, prepared: PreparedRequest | Exception):
+            def start() -> SequenceInput:
+                if isinstance(prepared, Exception):
+                    raise prepared
+                t1 = time.perf_counter()
+                image_embeds = self.backend.encode_image(prepared.image)
+                started[number] = (prepared, t1, time.perf_counter() - t1)
+                return SequenceInput(prepared.prompt_ids, image_embeds, prepared.positions, prepared.rope_delta,
+                                     prepared.grammar, prepared.phrases)
+            return start
+
+        keys: dict[int, K] = {}
+
+        def numbered() -> Iterator[tuple[int, Any]]:
+            for number, (key, prepared) in enumerate(requests):
+                keys[number] = key
+                yield number, start_of(number, prepared)
+
+        for number, outcome in self.loop.run_batch(numbered()):
+            if isinstance(outcome, Generation):
+                prepared, t1, vision_s = started.pop(number)
+                try:
+                    outcome = self._result(prepared, outcome, t1, vision_s)
+                except Exception as e:  # this request's failure (its answer could not be parsed)
+                    outcome = e
+            else:
+                started.pop(number, None)
+            yield keys.pop(number), outcome
+
+    def _result(self, prepared: PreparedRequest, gen: Generation, t1: float, vision_s: float) -> dict[str, Any]:
+        """The result dictionary of a decoded request (``t1``: when its image encoding began)."""
+        pre, grammar = prepared.image, prepared.grammar
         raw_output = self.decode(gen.token_ids)
         width, height = pre.image_size
         extracted = parse_prediction(raw_output, width, height, prepared.task)
@@ -178,7 +243,7 @@ class RexOmni:
             inference_time=total, output_token_ids=gen.token_ids, num_prompt_tokens=len(prepared.prompt_ids),
             detections=gen.detections, absent=grammar.absent, stop_reason=gen.stop_reason,
             padding_tokens=self.tokenizer.count_textless(gen.token_ids),
-            timings=Timings(preprocess_s=prepared.preprocess_s, vision_s=t2 - t1, prefill_s=gen.prefill_s,
+            timings=Timings(preprocess_s=prepared.preprocess_s, vision_s=vision_s, prefill_s=gen.prefill_s,
                             decode_s=gen.decode_s, decode_backend_s=gen.backend_s, steps=gen.steps)
         ).to_official()
 

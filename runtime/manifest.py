@@ -49,6 +49,11 @@ VISION, DECODER = "vision", "decoder"   # the graphs
 FILE, DATA, INPUTS, OUTPUTS, DIMS, PROFILES = "file", "data", "inputs", "outputs", "dims", "profiles"
 WEIGHTS = "weights"   # present on a graph whose weights are quantized: weights_entry(); absent: the precision
 
+# the decoder's batch dimension: its range in the graph entry's dims is how many sequences a bundle's
+# decoder may step together (bundles exported before batched decoding record (1, 1))
+BATCH_DIM = "batch"
+MAX_BATCH = 64
+
 # graph inputs and outputs
 PIXEL_PATCHES = "pixel_patches"
 IMAGE_EMBEDS = "image_embeds"

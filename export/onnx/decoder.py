@@ -49,7 +49,7 @@ from rexedge.runtime import manifest as schema
 from rexedge.runtime.config import RexOmniConfig
 
 # symbolic dimension names, shared with the manifest's shape ranges
-BATCH, TOKENS, KV_CAPACITY = "batch", "tokens", "kv_capacity"
+BATCH, TOKENS, KV_CAPACITY = schema.BATCH_DIM, "tokens", "kv_capacity"
 PAST, PRESENT = "past_length", "present_length"  # trt flavour: cache in (P) and out (P + T)
 
 

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from rexedge.runtime.request.tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
+# The most tokens one decode step appends per sequence (the decode loop's jump-forward chunk). A batched
+# step pads every row to its longest run, so a slot's KV buffer holds this many slots beyond max_context:
+# a row near the end of its context still has room for the padding (written, never attended to).
+MAX_STEP_TOKENS = 64
 
 # dtype names the torch backends take -> torch dtype attribute names
 TORCH_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -77,6 +81,65 @@ class Backend(Protocol):
     def make_head(self, sampling: "Sampling") -> "Head":
         """The head the decode loop chooses tokens with (one per loop; it keeps the seen-token record)."""
         ...
+
+
+@runtime_checkable
+class BatchBackend(Backend, Protocol):
+    """A backend that steps up to ``max_batch`` sequences together, each in its own KV slot.
+
+    ``prefill(embeds, positions, slot=s)`` resets slot ``s`` and prefills it (one sequence, batch 1);
+    ``step_batch`` appends to slots ``0..B-1`` in one call. Slot 0 is also what ``prefill`` / ``step``
+    without a slot use, so a batch backend decodes one sequence exactly as before."""
+
+    max_batch: int
+
+    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, slot: int = 0) -> np.ndarray: ...
+
+    def step_batch(self, token_ids: np.ndarray, position_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Append row b's first ``counts[b]`` of [B, T] tokens (at [3, B, T] positions) to slot b, for the
+        first B slots at once; the rest of a row is padding (a row with count 0 is all padding: a slot
+        not stepping), written after the slot's cached tokens, never attended to and overwritten by its
+        next append. Returns [B, H], row b the hidden state after its last real token (garbage for a
+        row with count 0)."""
+        ...
+
+    def slot_length(self, slot: int) -> int:
+        """Tokens cached in ``slot``."""
+        ...
+
+
+def check_max_batch(backend_name: str, max_batch: object, supported: int = 1) -> int:
+    """``max_batch`` as an int in 1..supported; otherwise a BackendError naming the backend and the limit."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise BackendError(f"{backend_name} backend: max_batch must be a positive integer, got {max_batch!r}")
+    if max_batch > supported:
+        raise BackendError(f"{backend_name} backend: max_batch={max_batch}, but it decodes at most {supported} "
+                           f"sequence(s) per step")
+    return max_batch
+
+
+def check_batch_step(backend_name: str, token_ids: np.ndarray, position_ids: np.ndarray, counts: np.ndarray,
+                     max_batch: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arguments of ``step_batch`` checked: tokens [B, T] (1 <= B <= max_batch, T <= MAX_STEP_TOKENS),
+    positions [3, B, T], counts [B] in 0..T with at least one row stepping."""
+    token_ids, position_ids, counts = np.asarray(token_ids), np.asarray(position_ids), np.asarray(counts)
+    if token_ids.ndim != 2 or not 1 <= token_ids.shape[0] <= max_batch or not 1 <= token_ids.shape[1] <= MAX_STEP_TOKENS:
+        raise BackendError(f"{backend_name} backend: step_batch token_ids must be [B, T] with B in 1..{max_batch} "
+                           f"and T in 1..{MAX_STEP_TOKENS}, got {token_ids.shape}")
+    rows, tokens = token_ids.shape
+    check_token_ids(backend_name, token_ids.reshape(-1), vocab_size)
+    if position_ids.shape != (3, rows, tokens) or not np.issubdtype(position_ids.dtype, np.integer):
+        raise BackendError(f"{backend_name} backend: step_batch position_ids must be an integer array of shape "
+                           f"(3, {rows}, {tokens}), got {position_ids.dtype} {position_ids.shape}")
+    if counts.shape != (rows,) or counts.min() < 0 or counts.max() > tokens or counts.max() == 0:
+        raise BackendError(f"{backend_name} backend: step_batch counts must be {rows} values in 0..{tokens}, "
+                           f"at least one above 0, got {counts.tolist()}")
+    return token_ids, position_ids, counts
+
+
+def check_slot(backend_name: str, slot: int, max_batch: int) -> None:
+    if not 0 <= slot < max_batch:
+        raise BackendError(f"{backend_name} backend: slot {slot} outside 0..{max_batch - 1} (max_batch={max_batch})")
 
 
 def check_capacity(backend_name: str, cache_length: int, new_tokens: int, max_context: int) -> None:

@@ -9,6 +9,10 @@ returns the last one's hidden state. How the cache travels is what differs, and 
   both the ``past_*`` input and the ``present_*`` output, so the graph writes the new keys/values in
   place and a step never copies the cache. Single-token steps run through host buffers wrapped
   once as OrtValues and bound once.
+- :class:`SlotSession` (``ort`` flavour, several sequences): one buffer per layer and kind of
+  ``max_batch`` slots (``[max_batch, kv_heads, capacity, head_dim]``), allocated once. A call binds the
+  first B slots (or one slot) by address, so a step of B sequences and the prefill of one slot run on
+  the same memory; GroupQueryAttention takes each row's own length (``seqlens_k``).
 - :class:`PingPongSession` (``trt`` flavour, Concat): ``past_*`` [1, KVH, P, D] in, ``present_*``
   [1, KVH, P + T, D] out, into two buffers per layer sized to the capacity that swap roles each
   call (the ``trt`` backend's scheme on the GPU), bound with IOBinding.
@@ -155,6 +159,105 @@ class InPlaceSession(DecoderSession):
         self.session.run_with_iobinding(binding)
         del values  # the host buffers had to outlive the run
         return hidden[0, -1]
+
+
+_ORT_ELEMENT = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float16}
+
+
+class SlotSession:
+    """The ``ort`` flavour over ``max_batch`` KV slots (see the module): ``append_slot`` runs one sequence
+    into one slot, ``append_rows`` one step of the first B slots, rows padded to the longest."""
+
+    def __init__(self, session: ort.InferenceSession, config: RexOmniConfig, max_batch: int, capacity: int,
+                 kv_dtype: type = np.float32, device_type: str = "cpu", device_id: int = 0) -> None:
+        self.session, self.config, self.max_batch, self.capacity = session, config, max_batch, capacity
+        self.device_type, self.device_id = device_type, device_id
+        self.kv_dtype = np.dtype(kv_dtype)
+        self.lengths = np.zeros(max_batch, np.int64)
+        shape = (max_batch, config.num_key_value_heads, capacity, config.head_dim)
+        self._slot_bytes = int(np.prod(shape[1:])) * self.kv_dtype.itemsize
+        names = [(schema.past(kind, i), schema.present(kind, i))
+                 for i in range(config.num_hidden_layers) for kind in schema.KV_KINDS]
+        self._kv = [(past, present, ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), device_type,
+                                                                      device_id)) for past, present in names]
+        # single-token steps of B rows: host buffers and a binding kept per B (built on first use)
+        self._token_steps: dict[int, tuple[Feeds, np.ndarray, ort.IOBinding, list[ort.OrtValue]]] = {}
+
+    def _bind(self, first: int, rows: int, feeds: Feeds, hidden: np.ndarray) -> tuple[ort.IOBinding, list]:
+        """Inputs and output wrapped (not copied), and slots first..first+rows-1 of every KV buffer bound
+        by address as both past_* and present_*; keep the returned values alive while the binding is used."""
+        binding = self.session.io_binding()
+        values = []
+        for name, array in feeds.items():
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            binding.bind_ortvalue_input(name, values[-1])
+        values.append(ort.OrtValue.ortvalue_from_numpy(hidden))
+        binding.bind_ortvalue_output(schema.HIDDEN_STATES, values[-1])
+        shape = [rows, self.config.num_key_value_heads, self.capacity, self.config.head_dim]
+        element = _ORT_ELEMENT[self.kv_dtype]
+        for past, present, value in self._kv:
+            address = value.data_ptr() + first * self._slot_bytes
+            binding.bind_input(past, self.device_type, self.device_id, element, shape, address)
+            binding.bind_output(present, self.device_type, self.device_id, element, shape, address)
+        return binding, values
+
+    def append_slot(self, slot: int, embeds: np.ndarray, positions: np.ndarray, reset: bool = False) -> np.ndarray:
+        """Run T tokens into ``slot`` (after its cached tokens, or from 0 with ``reset``); the last hidden [H]."""
+        if reset:
+            self.lengths[slot] = 0
+        tokens, length = embeds.shape[0], int(self.lengths[slot])
+        hidden = np.empty((1, tokens, self.config.hidden_size), np.float32)
+        feeds = {**DecoderSession._token_feeds(embeds, positions), **sequence_feeds(length, tokens)}
+        binding, values = self._bind(slot, 1, feeds, hidden)
+        self.session.run_with_iobinding(binding)
+        del values
+        self.lengths[slot] += tokens
+        return hidden[0, -1]
+
+    def append_rows(self, embeds: np.ndarray, positions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """One step of slots 0..B-1: embeds [B, T, H], positions [3, B, T], counts [B] real tokens per row
+        (the rest padding; 0: a row not stepping). Returns [B, H] (a new array).
+
+        ONNX Runtime's GroupQueryAttention takes several rows only one token at a time ("batch_size
+        must be 1 when sequence_length > 1 and past context is given"), so a step with jump-forward runs
+        is grouped: one call for the rows appending one token, then one batch-1 call per longer run."""
+        rows, tokens = embeds.shape[:2]
+        if tokens == 1:
+            return self._append_tokens(embeds, positions, counts)
+        single = np.where(counts == 1, 1, 0)
+        hidden = np.empty((rows, self.config.hidden_size), np.float32)
+        if single.any():
+            last = int(np.flatnonzero(single)[-1]) + 1
+            hidden[:last] = self._append_tokens(embeds[:last, :1], positions[:, :last, :1], single[:last])
+        for row in np.flatnonzero(counts > 1):
+            k = int(counts[row])
+            hidden[row] = self.append_slot(int(row), embeds[row, :k], positions[:, row, :k])
+        return hidden
+
+    def _append_tokens(self, embeds: np.ndarray, positions: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """One token per row of slots 0..B-1 (embeds [B, 1, H]); a row with count 0 writes its token past
+        its cached ones (room the padding slots leave), where the row's next append overwrites it."""
+        rows = embeds.shape[0]
+        feeds, hidden, binding, _ = self._token_step(rows)
+        feeds[schema.INPUTS_EMBEDS][...] = embeds
+        feeds[schema.POSITION_IDS][...] = positions
+        # seqlens_k: each row's total length - 1 after the token
+        feeds[schema.SEQLENS_K][...] = self.lengths[:rows]
+        feeds[schema.TOTAL_SEQUENCE_LENGTH][()] = int(self.lengths[:rows].max()) + 1
+        self.session.run_with_iobinding(binding)
+        self.lengths[:rows] += counts
+        return hidden[:, 0].copy()
+
+    def _token_step(self, rows: int) -> tuple[Feeds, np.ndarray, ort.IOBinding, list]:
+        entry = self._token_steps.get(rows)
+        if entry is None:
+            hidden_size = self.config.hidden_size
+            feeds = {schema.INPUTS_EMBEDS: np.zeros((rows, 1, hidden_size), np.float32),
+                     schema.POSITION_IDS: np.zeros((3, rows, 1), np.int64),
+                     schema.SEQLENS_K: np.zeros(rows, np.int32), schema.TOTAL_SEQUENCE_LENGTH: np.zeros((), np.int32)}
+            hidden = np.zeros((rows, 1, hidden_size), np.float32)
+            entry = self._token_steps[rows] = (feeds, hidden, *self._bind(0, rows, feeds, hidden))
+        return entry
 
 
 class PingPongSession(DecoderSession):

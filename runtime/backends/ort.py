@@ -3,7 +3,10 @@
 The decoder runs as an :class:`~rexedge.runtime.backends.graph_session.InPlaceSession`: one
 max-length KV buffer per layer and kind (``[1, kv_heads, max_context, head_dim]``) bound with
 IOBinding as both ``past_*`` and ``present_*``, written in place by GroupQueryAttention, so a step
-never copies the cache; single-token steps run through buffers bound once.
+never copies the cache; single-token steps run through buffers bound once. With ``max_batch`` > 1
+it is a :class:`~rexedge.runtime.backends.graph_session.SlotSession` instead (``max_batch`` slots of
+``max_context + MAX_STEP_TOKENS``, the batched step's padding room), stepping several sequences per
+call; the bundle's manifest must allow that batch (bundles exported before batching allow 1).
 
 Devices: ``cpu`` (default) or ``cuda`` / ``cuda:N``, which needs the CUDA execution
 provider of ``onnxruntime-gpu``; without it that is an error, never a silent CPU fallback.
@@ -20,16 +23,20 @@ import onnxruntime as ort
 
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
+    MAX_STEP_TOKENS,
     BackendError,
     HostHeadBackend,
+    check_batch_step,
     check_capacity,
     check_embeds,
     check_image,
+    check_max_batch,
     check_positions,
+    check_slot,
     check_token_ids,
 )
 from rexedge.runtime import manifest as schema
-from rexedge.runtime.backends.graph_session import InPlaceSession, open_session
+from rexedge.runtime.backends.graph_session import InPlaceSession, SlotSession, open_session
 from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.bundle import load_bundle
 
@@ -61,12 +68,18 @@ class OrtBackend(HostHeadBackend):
     name = "ort"
 
     def __init__(self, model_path: str | Path, device: str = "cpu", max_context: int = DEFAULT_MAX_CONTEXT,
-                 threads: int | None = None, verify_hashes: bool = True) -> None:
+                 threads: int | None = None, verify_hashes: bool = True, max_batch: int = 1) -> None:
         providers, device_type, device_id = _providers(device)
+        check_max_batch(self.name, max_batch, max_batch)
         bundle = load_bundle(model_path, verify_hashes=verify_hashes)
         if bundle.flavour != "ort":
             raise BackendError(f"ort backend: {bundle.directory} holds a {bundle.flavour!r} decoder graph; "
                                f"export with --flavour ort")
+        bundle_batch = bundle.decoder.dims.get(schema.BATCH_DIM, (1, 1))[1]
+        if max_batch > bundle_batch:
+            raise BackendError(f"ort backend: max_batch={max_batch}, but the bundle {bundle.directory} allows a decoder "
+                               f"batch of at most {bundle_batch} (exported before batched decoding?); re-export it "
+                               f"with this rexedge (rexedge export) or use max_batch <= {bundle_batch}")
         cfg = bundle.config
         if not 1 <= max_context <= cfg.max_position_embeddings:
             raise BackendError(f"ort backend: max_context must be in 1..{cfg.max_position_embeddings}, "
@@ -81,7 +94,13 @@ class OrtBackend(HostHeadBackend):
         self._vision_run = ort.RunOptions()
         self._vision_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         decoder = open_session(bundle.path(bundle.decoder.file), threads, bundle.precision, providers, device)
-        self._decoder = InPlaceSession(decoder, cfg, max_context, _KV_DTYPES[bundle.precision], device_type, device_id)
+        kv_dtype = _KV_DTYPES[bundle.precision]
+        if max_batch == 1:
+            self._decoder = InPlaceSession(decoder, cfg, max_context, kv_dtype, device_type, device_id)
+        else:
+            self._decoder = SlotSession(decoder, cfg, max_batch, max_context + MAX_STEP_TOKENS, kv_dtype, device_type,
+                                        device_id)
+        self.max_batch = max_batch
 
         self.bundle = bundle
         self.config = cfg
@@ -91,18 +110,28 @@ class OrtBackend(HostHeadBackend):
 
     @property
     def _length(self) -> int:
-        return self._decoder.length
+        return self.slot_length(0)
+
+    def slot_length(self, slot: int) -> int:
+        if self.max_batch == 1:
+            check_slot(self.name, slot, 1)
+            return self._decoder.length
+        check_slot(self.name, slot, self.max_batch)
+        return int(self._decoder.lengths[slot])
 
     def encode_image(self, image: PreprocessedImage) -> np.ndarray:
         check_image(self.name, image, self.config)
         return self._vision.run([schema.IMAGE_EMBEDS], vision_feeds(self.bundle.vision.input_names(), image),
                                 self._vision_run)[0]
 
-    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def prefill(self, inputs_embeds: np.ndarray, position_ids: np.ndarray, slot: int = 0) -> np.ndarray:
         embeds = check_embeds(self.name, inputs_embeds, self.config.hidden_size)
         positions = check_positions(self.name, position_ids, embeds.shape[0])
-        self._decoder.reset()
+        check_slot(self.name, slot, self.max_batch)
         check_capacity(self.name, 0, embeds.shape[0], self.max_context)
+        if self.max_batch > 1:
+            return self._decoder.append_slot(slot, embeds, positions, reset=True)
+        self._decoder.reset()
         return self._decoder.append(embeds, positions)
 
     def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
@@ -111,4 +140,14 @@ class OrtBackend(HostHeadBackend):
         token_ids = check_token_ids(self.name, token_ids, self.embed_table.shape[0])
         positions = check_positions(self.name, position_ids, token_ids.size)
         check_capacity(self.name, self._length, token_ids.size, self.max_context)
+        if self.max_batch > 1:
+            return self._decoder.append_slot(0, self.embed_table[token_ids], positions)
         return self._decoder.append(self.embed_table[token_ids], positions)
+
+    def step_batch(self, token_ids: np.ndarray, position_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """One step of slots 0..B-1 (see ``BatchBackend.step_batch``); [B, H], a new array."""
+        token_ids, positions, counts = check_batch_step(self.name, token_ids, position_ids, counts, self.max_batch,
+                                                        self.embed_table.shape[0])
+        for slot in np.flatnonzero(counts):
+            check_capacity(self.name, self.slot_length(int(slot)), int(counts[slot]), self.max_context)
+        return self._decoder.append_rows(self.embed_table[token_ids], positions, counts)

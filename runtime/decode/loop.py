@@ -47,10 +47,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from rexedge.runtime.backends.base import Backend
+from rexedge.runtime.backends.base import MAX_STEP_TOKENS, Backend
 from rexedge.runtime.decode.grammar import CHOICE, COORD, DONE, FORCED, FREE, NextKind
 from rexedge.runtime.decode.head import Head
 from rexedge.runtime.decode.phrases import PhrasesLeft, PhraseTable
@@ -59,10 +60,10 @@ from rexedge.runtime.request.encode import embed_prompt
 from rexedge.runtime.request.tokenizer import TokenIds
 from rexedge.runtime.results.detections import Detection
 
+K = TypeVar("K")
 MODES = ("exact", "structured")
-# The most tokens one backend step appends: the loop's host buffers; the CUDA backend sizes its
-# jump-forward buffer (MAX_APPEND) from it.
-MAX_STEP_TOKENS = 64
+# MAX_STEP_TOKENS (backends.base): the most tokens one backend step appends: the loop's host buffers; the
+# CUDA backend sizes its jump-forward buffer (MAX_APPEND) from it, batch backends their KV padding room.
 
 
 class DecodingError(RexEdgeError, ValueError):
@@ -140,17 +141,57 @@ class _Answer:
         return None
 
 
+@dataclass(frozen=True, eq=False)
+class SequenceInput:
+    """One sequence for ``DecodeLoop.run_batch``: what ``DecodeLoop.run`` takes."""
+
+    prompt_ids: np.ndarray
+    image_embeds: np.ndarray
+    positions: np.ndarray
+    rope_delta: int
+    grammar: object
+    phrases: PhraseTable | None = None
+    limits: Limits | None = None       # this sequence's guards; None: the loop's
+
+
+class _Live:
+    """A sequence in a slot of ``run_batch``: its answer, head, cache length and the run it is appending."""
+
+    def __init__(self, key: object, inp: SequenceInput, head: Head, answer: _Answer, phrases: PhrasesLeft | None,
+                 hidden: np.ndarray, prefill_s: float) -> None:
+        self.key, self.grammar, self.head, self.answer, self.phrases = key, inp.grammar, head, answer, phrases
+        self.rope_delta, self.cache_len, self.hidden = inp.rope_delta, len(inp.prompt_ids), hidden
+        self.prefill_s, self.start = prefill_s, time.perf_counter()
+        self.steps = {kind.label: 0 for kind in (FREE, COORD, CHOICE, FORCED)}
+        self.backend_s = 0.0
+        self.kind: NextKind = FORCED
+        self.pending: list[int] = []   # tokens of the current run not yet stepped
+        self.first_chunk = True
+
+    def generation(self, stop_reason: str) -> Generation:
+        return Generation(token_ids=self.answer.tokens, detections=self.answer.detections, stop_reason=stop_reason,
+                          prefill_s=self.prefill_s, decode_s=time.perf_counter() - self.start,
+                          backend_s=self.backend_s, steps=self.steps, forced_tokens=self.answer.forced)
+
+
 class DecodeLoop:
-    """Drives one backend and one head; reused across images (buffers are allocated once)."""
+    """Drives one backend and one head; reused across images (buffers are allocated once).
+
+    ``heads``: one head per slot for ``run_batch`` (a batch backend's ``max_batch`` of them; each keeps its
+    sequence's seen-token record and sampling state); by default ``[head]``, one sequence at a time."""
 
     def __init__(self, backend: Backend, head: Head, ids: TokenIds, mode: str = "structured",
-                 limits: Limits = Limits(), none_by_mass: bool = False) -> None:
+                 limits: Limits = Limits(), none_by_mass: bool = False, heads: list[Head] | None = None) -> None:
         if mode not in MODES:
             raise DecodingError(f"unknown decoding mode {mode!r}; expected one of {', '.join(MODES)}")
         if none_by_mass and mode != "structured":
             raise DecodingError("none_by_mass needs structured decoding; exact mode stays the reference's greedy")
         self.backend, self.head, self.ids, self.mode, self.limits = backend, head, ids, mode, limits
         self.none_by_mass = none_by_mass
+        self.heads = heads or [head]
+        if len(self.heads) > 1 and getattr(backend, "max_batch", 1) < len(self.heads):
+            raise DecodingError(f"{len(self.heads)} heads (slots) but the {backend.name} backend steps at most "
+                                f"{getattr(backend, 'max_batch', 1)} sequence(s) together")
         self._positions = np.empty((3, MAX_STEP_TOKENS), dtype=np.int64)
         self._token = np.empty(MAX_STEP_TOKENS, dtype=np.int64)
         self._offsets = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
@@ -191,8 +232,8 @@ class DecodeLoop:
         return kind, allowed, False
 
     def _choose(self, grammar, kind: NextKind, allowed: tuple[int, ...], in_phrase: bool,
-                hidden: np.ndarray) -> tuple[int, float]:
-        ids, head = self.ids, self.head
+                hidden: np.ndarray, head: Head) -> tuple[int, float]:
+        ids = self.ids
         if kind == COORD:
             start, stop = grammar.coord_range()
             token, prob = head.choose_range(hidden, start, stop, allowed)
@@ -208,7 +249,7 @@ class DecodeLoop:
         return head.choose_full(hidden, None if self.mode == "exact" else self._blocked(allowed, in_phrase))
 
     def _next_run(self, grammar, phrases: PhrasesLeft | None, answer: _Answer, hidden: np.ndarray,
-                  room: int) -> tuple[NextKind, list[int], str | None]:
+                  room: int, head: Head) -> tuple[NextKind, list[int], str | None]:
         """Decide the tokens of the next backend step, adding each to ``answer``: the head's choice at
         ``hidden`` (unless the grammar forces what comes first), then every forced token after it.
 
@@ -216,7 +257,7 @@ class DecodeLoop:
         so far overflow it no forced run is added, so the output ends with the run (a chosen token,
         or one forced run) that first did not fit."""
         step_kind, tokens = FORCED, []
-        while len(answer.tokens) < self.limits.max_new_tokens:
+        while len(answer.tokens) < answer.limits.max_new_tokens:
             kind, allowed, in_phrase = self._what_next(grammar, phrases, answer.phrase)
             if kind == DONE:
                 return step_kind, tokens, "grammar_done"
@@ -224,15 +265,15 @@ class DecodeLoop:
                 # a run that ends the response (every category answered: <|im_end|>) needs no KV slot
                 if len(tokens) > room and allowed[-1] not in self._stop_ids:
                     return step_kind, tokens, None
-                new = [(t, 1.0) for t in allowed[: self.limits.max_new_tokens - len(answer.tokens)]]
+                new = [(t, 1.0) for t in allowed[: answer.limits.max_new_tokens - len(answer.tokens)]]
                 answer.forced += len(new)
             elif tokens:
                 return step_kind, tokens, None   # this choice needs the hidden state after `tokens`
             else:
-                step_kind, new = kind, [self._choose(grammar, kind, allowed, in_phrase, hidden)]
+                step_kind, new = kind, [self._choose(grammar, kind, allowed, in_phrase, hidden, head)]
             for token, prob in new:
                 tokens.append(token)
-                self.head.observe(token)
+                head.observe(token)
                 stop = answer.append(token, prob, in_phrase)
                 if phrases is not None and in_phrase and token == self.ids.object_ref_end:
                     phrases.answered(answer.phrase)
@@ -249,11 +290,12 @@ class DecodeLoop:
         return self.backend.step(self._token[:k], self._positions[:, :k])
 
     def run(self, prompt_ids: np.ndarray, image_embeds: np.ndarray, positions: np.ndarray, rope_delta: int,
-            grammar, phrases: PhraseTable | None = None) -> Generation:
+            grammar, phrases: PhraseTable | None = None, limits: Limits | None = None) -> Generation:
         """Prefill the prompt (image embeddings at its image tokens) and decode under ``grammar``.
 
         ``phrases`` (structured mode): constrain each phrase to one of these token sequences
         (``rexedge.runtime.decode.phrases``), each answered at most once; None keeps phrases free text.
+        ``limits``: this sequence's guards instead of the loop's.
         """
         ids, backend = self.ids, self.backend
         t0 = time.perf_counter()
@@ -262,7 +304,7 @@ class DecodeLoop:
         self.head.reset(prompt_ids)
         prefill_s = time.perf_counter() - t0
 
-        answer = _Answer(ids, grammar, self.limits, self._stop_ids)
+        answer = _Answer(ids, grammar, limits or self.limits, self._stop_ids)
         phrases_left = None if phrases is None or self.mode == "exact" else PhrasesLeft(phrases)
         steps = {kind.label: 0 for kind in (FREE, COORD, CHOICE, FORCED)}
         backend_s = 0.0
@@ -270,7 +312,7 @@ class DecodeLoop:
         t1 = time.perf_counter()
         while True:
             kind, tokens, stop_reason = self._next_run(grammar, phrases_left, answer, hidden,
-                                                       backend.max_context - cache_len)
+                                                       backend.max_context - cache_len, self.head)
             if stop_reason is None and cache_len + len(tokens) > backend.max_context:
                 stop_reason = "context_full"
             if stop_reason is not None:
@@ -285,3 +327,110 @@ class DecodeLoop:
         return Generation(token_ids=answer.tokens, detections=answer.detections, stop_reason=stop_reason,
                           prefill_s=prefill_s, decode_s=time.perf_counter() - t1, backend_s=backend_s, steps=steps,
                           forced_tokens=answer.forced)
+
+    @property
+    def max_batch(self) -> int:
+        """How many sequences ``run_batch`` steps together."""
+        return len(self.heads)
+
+    def run_batch(self, requests: Iterable[tuple[K, Callable[[], SequenceInput]]]
+                  ) -> Iterator[tuple[K, Generation | Exception]]:
+        """Decode many sequences, up to ``max_batch`` at a time: (key, Generation) as each finishes, in the
+        order they finish (continuous batching: a finished slot takes the next request at once).
+
+        ``requests``: (key, start) pairs, read lazily; ``start()`` makes the sequence's input (encoding
+        its image: it runs when a slot is free, between decode steps). An exception from ``start`` or
+        from its prefill is that request's: it is yielded as (key, error) and the others go on (an error
+        of a batched step, which holds every live sequence, is raised). Scheduling: free slots are filled (lowest first, each by a batch-1 image encoding and
+        prefill into that slot) before every step; then one ``step_batch`` call appends every live
+        sequence's next run (its chosen token and the forced tokens after it), rows padded to the
+        longest run. With one slot this is ``run`` for each request in turn.
+
+        Each sequence decodes as ``run`` would decode it alone (its own grammar, head, guards and stop
+        reason); ``decode_s`` is its wall time from its first step to its end, shared with the others."""
+        backend, ids = self.backend, self.ids
+        if self.max_batch == 1:
+            for key, start in requests:
+                try:
+                    inp = start()
+                    generation = self.run(inp.prompt_ids, inp.image_embeds, inp.positions, inp.rope_delta,
+                                          inp.grammar, inp.phrases, inp.limits)
+                except Exception as e:  # this request's failure; the others go on
+                    yield key, e
+                else:
+                    yield key, generation
+            return
+        slots: list[_Live | None] = [None] * self.max_batch
+        pending = iter(requests)
+        exhausted = False
+        tokens = np.zeros((self.max_batch, MAX_STEP_TOKENS), np.int64)
+        positions = np.zeros((3, self.max_batch, MAX_STEP_TOKENS), np.int64)
+        counts = np.zeros(self.max_batch, np.int64)
+        while True:
+            for slot in range(self.max_batch):
+                while slots[slot] is None and not exhausted:
+                    item = next(pending, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    key, start = item
+                    try:
+                        slots[slot] = self._start(key, start(), slot)
+                    except Exception as e:  # this request's failure; the others go on
+                        yield key, e
+            # every live sequence decides its next run; those that end leave their slot
+            for slot, live in enumerate(slots):
+                if live is None or live.pending:
+                    continue
+                live.kind, live.pending, stop = self._next_run(live.grammar, live.phrases, live.answer, live.hidden,
+                                                               backend.max_context - live.cache_len, live.head)
+                live.first_chunk = True
+                if stop is None and live.cache_len + len(live.pending) > backend.max_context:
+                    stop = "context_full"
+                if stop is not None:
+                    slots[slot] = None
+                    yield live.key, live.generation(stop)
+            stepping = [slot for slot, live in enumerate(slots) if live is not None and live.pending]
+            if not stepping:
+                if exhausted and all(live is None for live in slots):
+                    return
+                continue
+            rows = stepping[-1] + 1
+            counts[:rows] = 0
+            for slot in stepping:
+                live = slots[slot]
+                chunk = live.pending[:MAX_STEP_TOKENS]
+                k = len(chunk)
+                tokens[slot, :k] = chunk
+                tokens[slot, k:] = chunk[-1]
+                # decode positions: cache position + rope_delta, the same on all three streams (padding continues)
+                positions[:, slot] = self._offsets + (live.cache_len + live.rope_delta)
+                counts[slot] = k
+            width = int(counts[:rows].max())
+            for slot in range(rows):
+                if counts[slot] == 0:   # a free slot below a live one: padding
+                    tokens[slot, :width] = ids.im_end
+                    positions[:, slot, :width] = self._offsets[:width]
+            ts = time.perf_counter()
+            hidden = backend.step_batch(tokens[:rows, :width], positions[:, :rows, :width], counts[:rows])
+            elapsed = time.perf_counter() - ts
+            for slot in stepping:
+                live = slots[slot]
+                k = int(counts[slot])
+                live.hidden = hidden[slot]
+                live.cache_len += k
+                live.steps[(live.kind if live.first_chunk else FORCED).label] += 1
+                live.first_chunk = False
+                live.backend_s += elapsed
+                del live.pending[:k]
+
+    def _start(self, key: object, inp: SequenceInput, slot: int) -> _Live:
+        """Prefill ``inp`` into ``slot``; the live sequence, ready to choose its first token."""
+        t0 = time.perf_counter()
+        embeds = embed_prompt(self.backend.embed_table, inp.prompt_ids, inp.image_embeds, self.ids.image_pad)
+        hidden = np.array(self.backend.prefill(embeds, inp.positions, slot=slot))
+        head = self.heads[slot]
+        head.reset(inp.prompt_ids)
+        answer = _Answer(self.ids, inp.grammar, inp.limits or self.limits, self._stop_ids)
+        phrases = None if inp.phrases is None or self.mode == "exact" else PhrasesLeft(inp.phrases)
+        return _Live(key, inp, head, answer, phrases, hidden, time.perf_counter() - t0)

@@ -1,0 +1,199 @@
+"""Batched decoding (``max_batch`` > 1) on the real ort and torch CPU backends of the tiny checkpoint.
+
+The reference is each request decoded alone by the batch-1 backend: every sequence of a batch must
+give the same tokens, stop reason and boxes, whatever else shares its steps. The batches mix image
+sizes, prompt lengths (categories), tasks and answer lengths (each request its own max_new_tokens),
+hold more requests than slots (finished slots are refilled mid-run), and in structured mode carry
+jump-forward runs of different lengths in one step (constrained categories longer than a step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_loop import KeepGoing, response_pattern
+
+from rexedge.runtime.backends import BackendError, load_backend
+from rexedge.runtime.decode.head import Sampling
+from rexedge.runtime.decode.loop import MAX_STEP_TOKENS, DecodeLoop, Limits, SequenceInput
+from rexedge.runtime.errors import RexEdgeError
+
+LONG_NAME = " ".join(["door handle of the red cupboard"] * 14)   # a constrained rest longer than one step
+CATEGORIES = [["cup"], ["cup", "door handle", LONG_NAME], ["a dog", "red car", "x", "person on a bike"], ["z"]]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rexedge.export.bundle import export_bundle
+
+    return export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("batched") / "bundle", progress=False)
+
+
+@pytest.fixture(scope="module", params=["ort", "torch"])
+def models(request, tiny_bundle: Path, tiny_checkpoint: Path):
+    """(batch-1 model, max_batch=3 model) of one backend."""
+    from rexedge.runtime.api import RexOmni
+
+    path = tiny_bundle if request.param == "ort" else tiny_checkpoint
+    return (RexOmni(path, backend=request.param, max_context=1024),
+            RexOmni(path, backend=request.param, max_context=1024, max_batch=3))
+
+
+class CountingBackend:
+    """A batch backend behind the loop, recording the rows and widths of every batched step."""
+
+    def __init__(self, backend) -> None:
+        self.inner = backend
+        self.name, self.config, self.tokenizer = backend.name, backend.config, backend.tokenizer
+        self.embed_table, self.max_context, self.max_batch = backend.embed_table, backend.max_context, backend.max_batch
+        self.calls: list[tuple[int, int, list[int]]] = []   # (rows, width, counts) per step_batch
+        self.prefills: list[int] = []
+
+    def prefill(self, inputs_embeds, position_ids, slot: int = 0):
+        self.prefills.append(slot)
+        return self.inner.prefill(inputs_embeds, position_ids, slot=slot)
+
+    def step_batch(self, token_ids, position_ids, counts):
+        self.calls.append((token_ids.shape[0], token_ids.shape[1], counts.tolist()))
+        return self.inner.step_batch(token_ids, position_ids, counts)
+
+    def step(self, token_ids, position_ids):
+        return self.inner.step(token_ids, position_ids)
+
+
+def requests(model, mode: str, seed: int, count: int, tasks=("detection",)) -> list[tuple]:
+    """``count`` random requests: (prepared, its limits), mixed image sizes, categories, tasks, lengths."""
+    rng = np.random.default_rng(seed)
+    made = []
+    for i in range(count):
+        image = rng.integers(0, 256, (int(rng.integers(30, 160)), int(rng.integers(30, 160)), 3), dtype=np.uint8)
+        task = tasks[i % len(tasks)]
+        model.constrain_phrases = mode == "structured" and i % 2 == 1 and task != "ocr_polygon"
+        prepared = model.prepare(image, task, CATEGORIES[i % len(CATEGORIES)])
+        made.append((prepared, Limits(max_new_tokens=int(rng.integers(5, 200)))))
+    return made
+
+
+def decode_all(model, backend, made: list[tuple], mode: str, max_batch: int, keep_going: bool):
+    heads = [backend.make_head(Sampling()) if hasattr(backend, "make_head") else model.backend.make_head(Sampling())
+             for _ in range(max_batch)]
+    if keep_going:
+        heads = [KeepGoing(head, model.ids, groups=3) for head in heads]
+    loop = DecodeLoop(backend, heads[0], model.ids, mode=mode, heads=heads)
+
+    def start_of(prepared, limits):
+        return lambda: SequenceInput(prepared.prompt_ids, model.backend.encode_image(prepared.image), prepared.positions,
+                                     prepared.rope_delta, prepared.grammar, prepared.phrases, limits)
+
+    finished = list(loop.run_batch((i, start_of(*item)) for i, item in enumerate(made)))
+    return finished
+
+
+def fresh(model, made):
+    """The same requests with fresh grammars (a prepared request decodes once)."""
+    from dataclasses import replace
+
+    from rexedge.runtime.decode.grammar import make_grammar
+
+    return [(replace(p, grammar=make_grammar(p.task, model.ids, p.image.image_size, decode=model.decode)), limits)
+            for p, limits in made]
+
+
+@pytest.mark.parametrize("mode", ["exact", "structured"])
+def test_every_sequence_of_a_batch_is_the_one_decoded_alone(models, mode: str) -> None:
+    single, batched = models
+    tasks = ("detection", "pointing", "ocr_polygon") if mode == "structured" else ("detection",)
+    for seed in range(2):
+        made = requests(batched, mode, seed, 7, tasks)
+        counting = CountingBackend(batched.backend)
+        finished = decode_all(batched, counting, made, mode, 3, keep_going=mode == "structured")
+        alone = dict(decode_all(single, single.backend, fresh(single, made), mode, 1, keep_going=mode == "structured"))
+        assert sorted(key for key, _ in finished) == list(range(7))
+        for key, gen in finished:
+            ref = alone[key]
+            assert gen.token_ids == ref.token_ids, (mode, seed, key)
+            assert gen.stop_reason == ref.stop_reason
+            assert [(d.phrase, d.bins) for d in gen.detections] == [(d.phrase, d.bins) for d in ref.detections]
+            np.testing.assert_allclose([d.score for d in gen.detections], [d.score for d in ref.detections], rtol=1e-3)
+            assert gen.steps == ref.steps
+            if mode == "structured" and gen.stop_reason == "eos":
+                prepared = made[key][0]
+                assert response_pattern(prepared.task).fullmatch(batched.decode(gen.token_ids)), (seed, key)
+        # sequences end at different steps, and finished slots were refilled while others decoded
+        ends = [key for key, _ in finished]
+        assert ends != sorted(ends) or len({len(g.token_ids) for _, g in finished}) > 1
+        assert len(counting.prefills) == 7 and max(rows for rows, _, _ in counting.calls) == 3
+        refills = [i for i, slot in enumerate(counting.prefills) if i >= 3]
+        assert refills and all(counting.prefills[i] < 3 for i in refills)
+        assert any(sum(c > 0 for c in counts) == 3 for _, _, counts in counting.calls)
+        assert all(width <= MAX_STEP_TOKENS for _, width, _ in counting.calls)
+        if mode == "structured":
+            # jump-forward runs of different lengths shared a step (padded to the longest)
+            assert any(len({c for c in counts if c}) > 1 for _, _, counts in counting.calls)
+
+
+def test_inference_of_a_list_decodes_together_in_input_order(models) -> None:
+    single, batched = models
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (int(rng.integers(30, 140)), int(rng.integers(30, 140)), 3), dtype=np.uint8)
+              for _ in range(5)]
+    categories = [["cup"], ["dog", "cat"], ["red car"], ["a"], ["b", "c", "d"]]
+    alone = single.inference(images, categories=categories)
+    together = batched.inference(images, categories=categories)
+    assert [r["output_token_ids"] for r in together] == [r["output_token_ids"] for r in alone]
+    assert [r["extracted_predictions"] for r in together] == [r["extracted_predictions"] for r in alone]
+    assert [r["prompt"] for r in together] == [r["prompt"] for r in alone]
+
+
+def test_a_failing_request_fails_alone(models) -> None:
+    """A request whose image encoding fails (its patches cut short) and one given as an error: every
+    other result intact and in its place."""
+    single, batched = models
+    made = requests(batched, "exact", 11, 6)
+    broken = made[2][0]
+    from dataclasses import replace
+
+    short = replace(broken.image, pixel_patches=broken.image.pixel_patches[:-4])
+    items = [(i, p) for i, (p, _) in enumerate(made)]
+    items[2] = (2, replace(broken, image=short))
+    items[4] = (4, ValueError("image 4 could not be read"))
+    outcomes = dict(batched.run_many(items))
+    assert sorted(outcomes) == list(range(6))
+    assert isinstance(outcomes[2], BackendError) and "pixel_patches" in str(outcomes[2])
+    assert isinstance(outcomes[4], ValueError)
+    for i in (0, 1, 3, 5):
+        alone = single.run(fresh(single, [made[i]])[0][0])
+        assert outcomes[i]["output_token_ids"] == alone["output_token_ids"]
+
+
+def test_bad_batch_settings_are_named(tiny_bundle: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from rexedge.runtime.api import RexOmni
+
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(RexEdgeError, match="max_batch"):
+            RexOmni(tiny_checkpoint, backend="torch", max_batch=bad)
+    # a bundle exported before batching (its manifest allows batch 1) is refused with max_batch > 1
+    import json
+    import shutil
+
+    from rexedge.runtime import manifest as schema
+    from rexedge.runtime.bundle import manifest_digest
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_bundle, old)
+    manifest = json.loads((old / schema.MANIFEST).read_text())
+    manifest[schema.GRAPHS][schema.DECODER][schema.DIMS][schema.BATCH_DIM] = [1, 1]
+    manifest[schema.DIGEST_KEY] = manifest_digest(manifest)
+    (old / schema.MANIFEST).write_text(json.dumps(manifest))
+    RexOmni(old, max_context=256)   # batch 1 still loads
+    with pytest.raises(BackendError, match="max_batch=2.*at most 1.*re-export"):
+        RexOmni(old, max_batch=2, max_context=256)
+    backend = load_backend("torch", tiny_checkpoint, max_context=256, max_batch=2)
+    with pytest.raises(BackendError, match="slot 2"):
+        backend.prefill(np.zeros((3, backend.config.hidden_size), np.float32), np.zeros((3, 3), np.int64), slot=2)
+    with pytest.raises(BackendError, match="B in 1..2"):
+        backend.step_batch(np.zeros((3, 1), np.int64), np.zeros((3, 3, 1), np.int64), np.ones(3, np.int64))
+    with pytest.raises(RexEdgeError, match="steps at most 2"):
+        RexOmni(None, backend=backend, max_batch=3)
