@@ -197,3 +197,55 @@ def test_bad_batch_settings_are_named(tiny_bundle: Path, tiny_checkpoint: Path, 
         backend.step_batch(np.zeros((3, 1), np.int64), np.zeros((3, 3, 1), np.int64), np.ones(3, np.int64))
     with pytest.raises(RexEdgeError, match="steps at most 2"):
         RexOmni(None, backend=backend, max_batch=3)
+
+
+def comparable(line: dict) -> dict:
+    """A batch line without what differs from run to run (timings)."""
+    return {k: v for k, v in line.items() if k not in ("inference_time", "generation_time", "tokens_per_second",
+                                                       "timings")}
+
+
+def test_batch_pipeline_keeps_max_batch_in_flight_with_the_same_lines(tiny_bundle: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """``run_batch`` with max_batch=3 over good and bad files: the lines of the batch-1 run, in input order,
+    bad files failing alone; resumed after a partial run, every image once; the CLI's --max-batch."""
+    import json
+
+    from PIL import Image
+
+    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.cli import main
+    from rexedge.runtime.pipelines.batch import run_batch
+
+    rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (int(rng.integers(30, 120)), int(rng.integers(30, 120)), 3),
+                                     dtype=np.uint8)).save(root / f"{i:02d}.png")
+    (root / "03.png").write_bytes((root / "00.png").read_bytes()[:100])   # corrupt
+    (root / "05.png").write_bytes(b"")                                     # empty
+    options = dict(categories=["cup", "dog"], progress=False)
+    run_batch(RexOmni(tiny_bundle, max_tokens=120), root, tmp_path / "one.jsonl", **options)
+    batched = RexOmni(tiny_bundle, max_tokens=120, max_batch=3)
+    summary = run_batch(batched, root, tmp_path / "three.jsonl", **options)
+    assert (summary.done, summary.failed) == (5, 2)
+    one, three = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+                  for name in ("one.jsonl", "three.jsonl"))
+    assert [comparable(line) for line in three] == [comparable(line) for line in one]
+    assert [line["status"] for line in three] == ["ok", "ok", "ok", "error", "ok", "error", "ok"]
+    # resume: a partial batch-1 output, finished by the batched run
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("".join(json.dumps(line) + "\n" for line in one[:3]))
+    summary = run_batch(batched, root, partial, **options)
+    assert (summary.skipped, summary.done + summary.failed) == (3, 4)
+    assert [comparable(json.loads(line)) for line in partial.read_text().splitlines()] == \
+        [comparable(line) for line in one]
+    out = tmp_path / "cli.jsonl"
+    argv = ["batch", str(root), "--model", str(tiny_bundle), "--categories", "cup,dog", "--max-new-tokens", "120",
+            "--out", str(out), "--max-batch", "2"]
+    assert main(argv) == 0
+    assert "done 5, skipped 0, failed 2" in capsys.readouterr().err
+    assert [comparable(json.loads(line)) for line in out.read_text().splitlines()] == [comparable(line) for line in one]
+    assert main(argv[:-1] + ["0"]) == 2
+    assert "max_batch" in capsys.readouterr().err

@@ -164,7 +164,7 @@ def test_batch_command_with_ray_and_its_option_errors(tmp_path: Path, monkeypatc
     assert main(argv + ["--ray"]) == 0
     assert "done 0, skipped 3, failed 0" in capsys.readouterr().err
     assert sorted(by_image(read_lines(Path("ray.jsonl")))) == sorted(map(str, images))
-    for extra, message in [(["--ray", "--max-batch", "4"], "batched decoding has not landed"),
+    for extra, message in [(["--ray", "--max-batch", "0"], "max_batch: expected a whole number >= 1"),
                            (["--ray", "--actors", "0"], "actors: expected a whole number >= 1"),
                            (["--ray", "--gpus-per-actor", "-1"], "gpus_per_actor: expected a number >= 0"),
                            (["--ray", "--address", "auto"], "joined a Ray cluster already"),

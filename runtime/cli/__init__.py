@@ -231,9 +231,11 @@ def model_spec(args: argparse.Namespace, model_path=None) -> tuple[Path, dict]:
     model_path = args.model if model_path is None else model_path
     if str(model_path) == "demo" and not Path("demo").exists():
         model_path = DEMO_BUNDLE
-    return Path(model_path), dict(backend=args.backend, device=args.device, decoding=args.decoding,
-                                  max_tokens=args.max_new_tokens, constrain_phrases=args.constrain_phrases,
-                                  none_by_mass=args.none_by_mass)
+    options = dict(backend=args.backend, device=args.device, decoding=args.decoding, max_tokens=args.max_new_tokens,
+                   constrain_phrases=args.constrain_phrases, none_by_mass=args.none_by_mass)
+    if getattr(args, "max_batch", None) is not None:   # commands that decode several images together
+        options["max_batch"] = args.max_batch
+    return Path(model_path), options
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category-ids", metavar="MAP.json", help="{phrase: id} or a COCO annotation file (with --coco)")
     p.add_argument("--image-ids", metavar="MAP.json",
                    help="{file name: id} or a COCO annotation file (with --coco; default: numeric file names)")
+    p.add_argument("--max-batch", type=int, metavar="N", help="images decoded together, one backend step for all "
+                   "(ort and torch on the CPU; with --ray: per actor; default: 1)")
     ray = p.add_argument_group("Ray (pip install 'rexedge[ray]'; docs/pipelines.md)")
     ray.add_argument("--ray", action="store_true", help="run on a pool of Ray actors, each loading the model")
     ray.add_argument("--address", help="Ray cluster to join: auto (the one `ray start` made here), ray://HOST:10001, "
@@ -341,8 +345,6 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--actors", type=int, help="actors, each holding one model (default: 1)")
     ray.add_argument("--gpus-per-actor", type=float, metavar="G",
                      help="GPUs reserved per actor, fractions share one (default: 0; use with --device cuda)")
-    ray.add_argument("--max-batch", type=int, metavar="B",
-                     help="images per request; only 1 until batched decoding lands in RexOmni")
     p.set_defaults(handler=_batch)
 
     p = sub.add_parser("bench", help="latency per stage and per token of backends against a baseline (JSON, table, plot)")

@@ -11,6 +11,10 @@ holds other files), a glob (``photos/**/*.jpg``), a text file of paths (``.txt``
 ``.lst``: one per line, ``#`` comments, relative paths from the list's folder), a single
 image, or a list of any of these.
 
+A model made with ``max_batch=N`` decodes N images together (``RexOmni.run_many``; a finished image's
+slot takes the next at once); the lines are the same and still written in input order (a line waits
+for the images before it), a bad image still fails alone.
+
 Output: one line per image, written and flushed as soon as it is done:
 - ``{"image", "sha256", "status": "ok", "request", <the result fields>, "detections"}``
 - ``{"image", "sha256", "status": "error", "request", "error": "<type>: <reason>"}`` for a
@@ -38,11 +42,11 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -55,6 +59,7 @@ from rexedge.runtime.results.result import Result
 if TYPE_CHECKING:
     from rexedge.runtime.api import PreparedRequest, RexOmni
 
+K = TypeVar("K")
 LIST_SUFFIXES = (".txt", ".lst")
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 RECORD_START = b'{"image": '   # how every line starts (json.dumps of a dict whose first key is "image")
@@ -180,16 +185,54 @@ def run_batch(model: RexOmni, inputs: str | os.PathLike | Sequence[str | os.Path
     with open(plan.out, "a", encoding="utf-8") as sink, \
             ThreadPoolExecutor(1, thread_name_prefix="rexedge-batch") as pool, \
             tqdm(total=len(todo), unit="img", desc="batch", disable=not progress) as bar:
-        # the next image is hashed and prepared on the pool while the current one runs on the model
-        pending: Future | None = pool.submit(prepare_image, model, todo[0], request) if todo else None
-        for index, path in enumerate(todo):
-            assert pending is not None
-            prepared = pending.result()
-            pending = pool.submit(prepare_image, model, todo[index + 1], request) if index + 1 < len(todo) else None
-            write_record(sink, plan.summary, image_record(model, path, request, prepared))
-            bar.update(1)
-            bar.set_postfix(failed=plan.summary.failed, refresh=False)
+        if model.max_batch == 1:
+            for path, prepared in _prepared_ahead(model, todo, request, pool):
+                write_record(sink, plan.summary, image_record(model, path, request, prepared))
+                bar.update(1)
+                bar.set_postfix(failed=plan.summary.failed, refresh=False)
+        else:
+            # decoded max_batch at a time, finishing in any order; lines are written in input order
+            finished: dict[int, dict[str, Any]] = {}
+            written = 0
+            for index, record in image_records(model, enumerate(_prepared_ahead(model, todo, request, pool)), request):
+                finished[index] = record
+                while written in finished:
+                    write_record(sink, plan.summary, finished.pop(written))
+                    written += 1
+                    bar.update(1)
+                    bar.set_postfix(failed=plan.summary.failed, refresh=False)
     return finish_batch(plan)
+
+
+Prepared = tuple[str | None, "PreparedRequest | None", Exception | None]   # what prepare_image gives
+
+
+def _prepared_ahead(model: RexOmni, todo: list[str], request: dict[str, Any], pool: ThreadPoolExecutor
+                    ) -> Iterator[tuple[str, Prepared]]:
+    """(path, prepare_image's result) for every path; the next image is hashed and prepared on ``pool``
+    while the current one runs on the model."""
+    pending: Future | None = pool.submit(prepare_image, model, todo[0], request) if todo else None
+    for index, path in enumerate(todo):
+        assert pending is not None
+        prepared = pending.result()
+        pending = pool.submit(prepare_image, model, todo[index + 1], request) if index + 1 < len(todo) else None
+        yield path, prepared
+
+
+def image_records(model: RexOmni, items: Iterable[tuple[K, tuple[str, Prepared]]], request: dict[str, Any]
+                  ) -> Iterator[tuple[K, dict[str, Any]]]:
+    """(key, output line) of each (key, (path, prepare_image's result)), decoded ``model.max_batch`` at a
+    time (``RexOmni.run_many``), in the order they finish; a bad image is its error line, never raised."""
+    paths: dict[Any, tuple[str, str | None]] = {}
+
+    def requests() -> Iterator[tuple[K, PreparedRequest | Exception]]:
+        for key, (path, (sha256, ready, error)) in items:
+            paths[key] = (path, sha256)
+            yield key, ready if ready is not None else error
+
+    for key, outcome in model.run_many(requests()):
+        path, sha256 = paths.pop(key)
+        yield key, _record(path, sha256, request, outcome)
 
 
 def image_record(model: RexOmni, path: str, request: dict[str, Any],
@@ -199,16 +242,23 @@ def image_record(model: RexOmni, path: str, request: dict[str, Any],
 
     ``prepared``: what ``prepare_image`` gave for it, when it ran ahead on another thread."""
     sha256, request_ready, error = prepare_image(model, path, request) if prepared is None else prepared
-    record: dict[str, Any] = {"image": path, "sha256": sha256}
+    outcome: dict[str, Any] | Exception | None = error
     if request_ready is not None:
         try:
-            result = Result.from_official(model.run(request_ready))
+            outcome = model.run(request_ready)
         except Exception as e:  # one image's failure is its error line; the run goes on
-            error = e
-        else:
-            record.update(status="ok", request=request, **result.to_json())
-            return record
-    record.update(status="error", request=request, error=f"{type(error).__name__}: {error}")
+            outcome = e
+    return _record(path, sha256, request, outcome)
+
+
+def _record(path: str, sha256: str | None, request: dict[str, Any], outcome: dict[str, Any] | Exception
+            ) -> dict[str, Any]:
+    """The output line of an image from its result dictionary, or its error line."""
+    record: dict[str, Any] = {"image": path, "sha256": sha256}
+    if isinstance(outcome, Exception):
+        record.update(status="error", request=request, error=f"{type(outcome).__name__}: {outcome}")
+    else:
+        record.update(status="ok", request=request, **Result.from_official(outcome).to_json())
     return record
 
 

@@ -39,7 +39,9 @@ from rexedge.runtime.pipelines.batch import (
     BatchSummary,
     finish_batch,
     image_record,
+    image_records,
     plan_batch,
+    prepare_image,
     write_record,
 )
 
@@ -61,8 +63,15 @@ class ImageActor:
         self.request = request
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        paths = [str(path) for path in batch["path"]]
+        if self.model.max_batch == 1:
+            records = [image_record(self.model, path, self.request) for path in paths]
+        else:   # the batch's images decoded together
+            prepared = ((i, (path, prepare_image(self.model, path, self.request))) for i, path in enumerate(paths))
+            records = [record for _, record in sorted(image_records(self.model, prepared, self.request),
+                                                      key=lambda item: item[0])]
         # JSON text: Arrow would want one schema for the ok and the error lines
-        lines = [json.dumps(image_record(self.model, str(path), self.request)) for path in batch["path"]]
+        lines = [json.dumps(record) for record in records]
         # the process id: the driver counts actor processes, which shows restarts
         return {"line": lines, "pid": [os.getpid()] * len(lines)}
 
@@ -89,10 +98,9 @@ def check_ray_options(actors: int, gpus_per_actor: float, max_batch: int) -> Non
         raise BatchError(f"actors: expected a whole number >= 1, got {actors!r}")
     if not isinstance(gpus_per_actor, (int, float)) or not gpus_per_actor >= 0:
         raise BatchError(f"gpus_per_actor: expected a number >= 0 (a fraction shares a GPU), got {gpus_per_actor!r}")
-    if max_batch != 1:
-        # RexOmni decodes one image at a time; the option is kept so that scripts need no change when it can batch
-        raise BatchError(f"max_batch {max_batch!r}: batched decoding has not landed in RexOmni yet; "
-                         f"only 1 (one image per request) is accepted")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise BatchError(f"max_batch: expected a whole number >= 1 (images each actor decodes together), "
+                         f"got {max_batch!r}")
 
 
 def import_ray() -> Any:
@@ -117,9 +125,11 @@ def run_batch_ray(model_path: str | os.PathLike, inputs: str | os.PathLike | Seq
     ``address``: the cluster to join (``"auto"``, ``"ray://host:10001"``, ...); None: the Ray
     instance this process already joined, else a local one started (and stopped) here.
     ``gpus_per_actor``: GPUs Ray reserves for each actor (pass ``device="cuda"`` in
-    ``model_options`` too). ``max_batch``: images per request; only 1 until RexOmni batches.
+    ``model_options`` too). ``max_batch``: images each actor's model decodes together (each actor's call
+    takes that many images; ``RexOmni(max_batch=...)``).
     """
     check_ray_options(actors, gpus_per_actor, max_batch)
+    model_options = {**(model_options or {}), **({"max_batch": max_batch} if max_batch > 1 else {})}
     ray = import_ray()
     if address is not None and ray.is_initialized():
         raise BatchError(f"address {address!r}: this process has joined a Ray cluster already; give no address")
@@ -129,12 +139,12 @@ def run_batch_ray(model_path: str | os.PathLike, inputs: str | os.PathLike | Seq
     plan = plan_batch(inputs, out, task, categories, keypoint_type, visual_prompt_boxes, coco=coco,
                       category_ids=category_ids, image_ids=image_ids)
     if plan.todo:
-        _run_on_ray(ray, plan, str(model_path), dict(model_options or {}), address, actors, gpus_per_actor, progress)
+        _run_on_ray(ray, plan, str(model_path), model_options, address, actors, gpus_per_actor, max_batch, progress)
     return finish_batch(plan)
 
 
 def _run_on_ray(ray: Any, plan: BatchPlan, model_path: str, model_options: dict[str, Any], address: str | None,
-                actors: int, gpus_per_actor: float, progress: bool) -> None:
+                actors: int, gpus_per_actor: float, max_batch: int, progress: bool) -> None:
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
@@ -145,7 +155,7 @@ def _run_on_ray(ray: Any, plan: BatchPlan, model_path: str, model_options: dict[
         paths = ray.data.from_items([{"path": path} for path in todo],
                                     override_num_blocks=min(len(todo), MAX_BLOCKS))
         lines = paths.map_batches(
-            ImageActor, fn_constructor_args=(model_path, model_options, plan.request, os.getcwd()), batch_size=1,
+            ImageActor, fn_constructor_args=(model_path, model_options, plan.request, os.getcwd()), batch_size=max_batch,
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus_per_actor or None)
         # no retry options given: Ray Data's actor pools restart a dead actor (max_restarts=-1) and retry
         # its tasks (max_task_retries=-1) by default, and passing them is deprecated (tests/test_ray_batch.py
