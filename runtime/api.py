@@ -62,6 +62,7 @@ K = TypeVar("K")
 if TYPE_CHECKING:
     from rexedge.runtime.pipelines.batch import BatchSummary
     from rexedge.runtime.pipelines.stream import FrameStream
+    from rexedge.runtime.pipelines.streams import MultiStream
 
 
 class RexOmni:
@@ -264,6 +265,18 @@ class RexOmni:
                        visual_prompt_boxes=visual_prompt_boxes)
         return FrameStream(self, open_source(source, live=live, every=every, channel_order=channel_order),
                            request, prepare_ahead=prepare_ahead)
+
+    def streams(self, sources: Sequence[Any], task: str = "detection", categories: Any = None,
+                keypoint_type: str | None = None, visual_prompt_boxes: Any = None, *, live: bool | None = None,
+                every: int = 1, channel_order: str | None = None) -> MultiStream:
+        """Several sources (cameras, files, URLs, iterables of frames) decoded together, latest frame of each:
+        one result per source and round, ``StreamResult.source`` its index in ``sources``; see
+        ``rexedge.runtime.pipelines.streams``. Make the model with ``max_batch >= len(sources)`` for one
+        backend step per round."""
+        from rexedge.runtime.pipelines.streams import MultiStream
+
+        return MultiStream(self, [self.stream(source, task, categories, keypoint_type, visual_prompt_boxes, live=live,
+                                              every=every, channel_order=channel_order) for source in sources])
 
     def batch(self, inputs: Any, out: str | Path, task: str = "detection", categories: Any = None,
               **options: Any) -> BatchSummary:

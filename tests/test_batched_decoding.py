@@ -249,3 +249,24 @@ def test_batch_pipeline_keeps_max_batch_in_flight_with_the_same_lines(tiny_bundl
     assert [comparable(json.loads(line)) for line in out.read_text().splitlines()] == [comparable(line) for line in one]
     assert main(argv[:-1] + ["0"]) == 2
     assert "max_batch" in capsys.readouterr().err
+
+
+def test_streams_decode_the_frames_of_several_sources_together(tiny_bundle: Path) -> None:
+    """Two in-order sources of different lengths: every frame of each once, in its source's order, each
+    result the plain inference of that frame; rounds hold one frame per source still running."""
+    from rexedge.runtime.api import RexOmni
+
+    rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+    sources = [[rng.integers(0, 256, (int(rng.integers(30, 90)), int(rng.integers(30, 90)), 3), dtype=np.uint8)
+                for _ in range(n)] for n in (3, 5)]
+    model = RexOmni(tiny_bundle, max_tokens=30, max_batch=2, decoding="exact")   # answers of 30 tokens
+    counting = CountingBackend(model.backend)
+    model.loop.backend = counting
+    with model.streams(sources, categories=["cup"]) as frames:
+        results = list(frames)
+    assert [(r.source, r.index) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2), (1, 3), (1, 4)]
+    single = RexOmni(tiny_bundle, max_tokens=30, decoding="exact")
+    for r in results:
+        [expected] = single.inference(sources[r.source][r.index], categories=["cup"])
+        assert r.result["output_token_ids"] == expected["output_token_ids"]
+    assert max(rows for rows, _, _ in counting.calls) == 2

@@ -74,6 +74,7 @@ class StreamResult:
     latency: float        # seconds from the frame being read to its result (waiting included)
     typed: Result         # the frame's result (``result`` is its dictionary)
     frame: np.ndarray     # the frame, in the source's channel order (``FrameStream.channel_order``)
+    source: int = 0       # which source (``RexOmni.streams``: its index in the list)
 
     @property
     def detections(self) -> list[Item]:
@@ -344,24 +345,39 @@ class FrameStream:
     def _results(self) -> Iterator[StreamResult]:
         if self._closed:
             return
+        self._begin()
+        try:
+            while True:
+                try:
+                    frame, prepared = self._take()
+                except _Closed:
+                    break
+                yield self._finish(frame, self.model.run(prepared))
+            self._raise_error()
+        finally:
+            self.close()
+
+    def _begin(self) -> None:
+        """Start the reader (and preparer) threads."""
         self._reading = True
         self._start_thread(self._read_loop, "rexedge-stream-reader")
         if self._ready is not None:
             self._start_thread(self._prepare_loop, "rexedge-stream-preparer")
-        try:
-            while True:
-                try:
-                    frame, prepared = self._ready.get() if self._ready is not None else self._prepare_next()
-                except _Closed:
-                    break
-                result = Result.from_official(self.model.run(prepared))
-                latency = time.perf_counter() - frame.read_at
-                self._counts.processed += 1
-                yield StreamResult(frame.index, frame.timestamp, latency, result, frame.image)
-            if self._error is not None:
-                raise self._error
-        finally:
-            self.close()
+
+    def _take(self) -> tuple[Frame, PreparedRequest]:
+        """The next prepared frame (the newest, for a live source); ``_Closed`` once the stream has ended."""
+        return self._ready.get() if self._ready is not None else self._prepare_next()
+
+    def _finish(self, frame: Frame, official: dict[str, Any], source: int = 0) -> StreamResult:
+        """The frame's result, counted as processed."""
+        latency = time.perf_counter() - frame.read_at
+        self._counts.processed += 1
+        return StreamResult(frame.index, frame.timestamp, latency, Result.from_official(official), frame.image, source)
+
+    def _raise_error(self) -> None:
+        """The reader's or preparer's error, if one stopped the stream."""
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
         if self._closed:
