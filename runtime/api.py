@@ -145,8 +145,12 @@ class RexOmni:
             return [self.run(self.prepare(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order))
                     for image, cats in zip(batch, per_image)]
         # decoded together (max_batch at a time); every request is checked before the first decodes
-        prepared = [self.prepare(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order)
-                    for image, cats in zip(batch, per_image)]
+        prepared = []
+        for index, (image, cats) in enumerate(zip(batch, per_image)):
+            try:
+                prepared.append(self.prepare(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order))
+            except RexEdgeError as e:
+                raise type(e)(f"images[{index}]: {e}") from e
         results: list[dict[str, Any] | None] = [None] * len(prepared)
         for index, result in self.run_many(enumerate(prepared)):
             if isinstance(result, Exception):

@@ -270,3 +270,29 @@ def test_streams_decode_the_frames_of_several_sources_together(tiny_bundle: Path
         [expected] = single.inference(sources[r.source][r.index], categories=["cup"])
         assert r.result["output_token_ids"] == expected["output_token_ids"]
     assert max(rows for rows, _, _ in counting.calls) == 2
+
+
+@pytest.mark.parametrize("name,device", [("trt", "cuda"), ("torch", "cuda")])
+def test_backends_without_a_batched_step_refuse_max_batch(name: str, device: str, tmp_path: Path) -> None:
+    """Refused before anything loads (no GPU needed to get the error), naming the backends that batch."""
+    with pytest.raises(BackendError, match=f"{name} backend: max_batch=4, but it decodes one sequence per step.*ort"):
+        load_backend(name, tmp_path, device=device, max_batch=4)
+
+
+def test_limits_are_named(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KV cache that cannot be allocated names max_batch, max_context and the size; a prompt that overflows
+    the context names its image in a list."""
+    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.model import compact
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(compact.KVCache, "allocate", no_memory)
+        with pytest.raises(BackendError, match=r"max_batch=8 slots x 1088 tokens needs .* GiB.*lower max_batch"):
+            RexOmni(tiny_checkpoint, backend="torch", max_context=1024, max_batch=8)
+    model = RexOmni(tiny_checkpoint, backend="torch", max_context=200, max_batch=2)
+    small, large = np.zeros((40, 40, 3), np.uint8), np.zeros((400, 400, 3), np.uint8)
+    with pytest.raises(RexEdgeError, match=r"images\[1\]: the prompt needs \d+ tokens but the backend holds 200"):
+        model.inference([small, large, small], categories=["cup"])

@@ -9,7 +9,7 @@ returns one that keeps logits on the device.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from rexedge.runtime.request.preprocess import PreprocessedImage
     from rexedge.runtime.request.tokenizer import Tokenizer
 
+T = TypeVar("T")
 DEFAULT_MAX_CONTEXT = 4096
 # The most tokens one decode step appends per sequence (the decode loop's jump-forward chunk). A batched
 # step pads every row to its longest run, so a slot's KV buffer holds this many slots beyond max_context:
@@ -108,13 +109,18 @@ class BatchBackend(Backend, Protocol):
         ...
 
 
-def check_max_batch(backend_name: str, max_batch: object, supported: int = 1) -> int:
-    """``max_batch`` as an int in 1..supported; otherwise a BackendError naming the backend and the limit."""
+# the backends whose step_batch runs several sequences (the others refuse max_batch > 1)
+BATCHED_BACKENDS = "ort (CPU) and torch (CPU)"
+
+
+def check_max_batch(backend_name: str, max_batch: object, supported: int | None = None) -> int:
+    """``max_batch`` as an int >= 1 (and <= ``supported`` if given); otherwise a BackendError naming the
+    backend and the limit."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise BackendError(f"{backend_name} backend: max_batch must be a positive integer, got {max_batch!r}")
-    if max_batch > supported:
-        raise BackendError(f"{backend_name} backend: max_batch={max_batch}, but it decodes at most {supported} "
-                           f"sequence(s) per step")
+    if supported is not None and max_batch > supported:
+        raise BackendError(f"{backend_name} backend: max_batch={max_batch}, but it decodes one sequence per step; "
+                           f"batched decoding runs on {BATCHED_BACKENDS}")
     return max_batch
 
 
@@ -135,6 +141,19 @@ def check_batch_step(backend_name: str, token_ids: np.ndarray, position_ids: np.
         raise BackendError(f"{backend_name} backend: step_batch counts must be {rows} values in 0..{tokens}, "
                            f"at least one above 0, got {counts.tolist()}")
     return token_ids, position_ids, counts
+
+
+def allocate_slots(backend_name: str, allocate: Callable[[], T], max_batch: int, capacity: int,
+                   bytes_per_token: int) -> T:
+    """``allocate()`` (the KV buffers of ``max_batch`` slots of ``capacity`` tokens); running out of memory
+    is a BackendError saying how much the buffers need and what to lower."""
+    try:
+        return allocate()
+    except (MemoryError, RuntimeError) as e:   # numpy raises MemoryError, torch and onnxruntime RuntimeError
+        need = max_batch * capacity * bytes_per_token / 2**30
+        raise BackendError(f"{backend_name} backend: the KV cache of max_batch={max_batch} slots x {capacity} tokens "
+                           f"needs {need:.1f} GiB, which could not be allocated ({e}); lower max_batch or "
+                           f"max_context") from None
 
 
 def check_slot(backend_name: str, slot: int, max_batch: int) -> None:

@@ -26,6 +26,7 @@ from rexedge.runtime.backends.base import (
     MAX_STEP_TOKENS,
     BackendError,
     HostHeadBackend,
+    allocate_slots,
     check_batch_step,
     check_capacity,
     check_embeds,
@@ -70,7 +71,7 @@ class OrtBackend(HostHeadBackend):
     def __init__(self, model_path: str | Path, device: str = "cpu", max_context: int = DEFAULT_MAX_CONTEXT,
                  threads: int | None = None, verify_hashes: bool = True, max_batch: int = 1) -> None:
         providers, device_type, device_id = _providers(device)
-        check_max_batch(self.name, max_batch, max_batch)
+        check_max_batch(self.name, max_batch)
         bundle = load_bundle(model_path, verify_hashes=verify_hashes)
         if bundle.flavour != "ort":
             raise BackendError(f"ort backend: {bundle.directory} holds a {bundle.flavour!r} decoder graph; "
@@ -98,8 +99,11 @@ class OrtBackend(HostHeadBackend):
         if max_batch == 1:
             self._decoder = InPlaceSession(decoder, cfg, max_context, kv_dtype, device_type, device_id)
         else:
-            self._decoder = SlotSession(decoder, cfg, max_batch, max_context + MAX_STEP_TOKENS, kv_dtype, device_type,
-                                        device_id)
+            capacity = max_context + MAX_STEP_TOKENS
+            per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * np.dtype(kv_dtype).itemsize
+            self._decoder = allocate_slots(
+                self.name, lambda: SlotSession(decoder, cfg, max_batch, capacity, kv_dtype, device_type, device_id),
+                max_batch, capacity, per_token)
         self.max_batch = max_batch
 
         self.bundle = bundle

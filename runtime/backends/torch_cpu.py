@@ -21,6 +21,7 @@ from rexedge.runtime.backends.base import (
     TORCH_DTYPES,
     BackendError,
     HostHeadBackend,
+    allocate_slots,
     check_batch_step,
     check_capacity,
     check_embeds,
@@ -74,7 +75,7 @@ class TorchBackend(HostHeadBackend):
 
     def __init__(self, model_path: str | Path, device: str = "cpu", max_context: int = DEFAULT_MAX_CONTEXT,
                  dtype: str = "float32", max_batch: int = 1) -> None:
-        check_max_batch(self.name, max_batch, max_batch)
+        check_max_batch(self.name, max_batch)
         if torch is None:
             raise BackendError("the torch backend needs torch: pip install rexedge[export]")
         if device != "cpu":
@@ -97,7 +98,10 @@ class TorchBackend(HostHeadBackend):
         self.max_context = max_context
         self.max_batch = max_batch
         capacity = max_context if max_batch == 1 else max_context + MAX_STEP_TOKENS
-        self._cache = KVCache.allocate(self.config, max_batch, capacity, dtype=torch_dtype)
+        cfg = self.config
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * torch_dtype.itemsize
+        self._cache = allocate_slots(self.name, lambda: KVCache.allocate(cfg, max_batch, capacity, dtype=torch_dtype),
+                                     max_batch, capacity, per_token)
         # slot s's cache: views of row s of every buffer (written in place by the batch-1 calls)
         self._slot_caches = [KVCache([k[s:s + 1] for k in self._cache.keys], [v[s:s + 1] for v in self._cache.values])
                              for s in range(max_batch)]

@@ -31,6 +31,7 @@ from rexedge.runtime.backends.base import (
     check_capacity,
     check_embeds,
     check_image,
+    check_max_batch,
     check_positions,
     check_token_ids,
 )
@@ -74,7 +75,9 @@ class TorchCudaBackend:
     name = "torch"
 
     def __init__(self, model_path: str | Path, device: str = "cuda", max_context: int = DEFAULT_MAX_CONTEXT,
-                 dtype: str = "bfloat16") -> None:
+                 dtype: str = "bfloat16", max_batch: int = 1) -> None:
+        # no batched step yet (it would need a captured graph per batch-size bucket)
+        check_max_batch(self.name, max_batch, 1)
         require_cuda(device)
         if dtype not in TORCH_DTYPES:
             raise BackendError(f"torch backend: dtype {dtype!r}, expected one of {sorted(TORCH_DTYPES)}")

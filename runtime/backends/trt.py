@@ -43,6 +43,7 @@ from rexedge.runtime.backends.base import (
     check_capacity,
     check_embeds,
     check_image,
+    check_max_batch,
     check_positions,
     check_token_ids,
 )
@@ -65,7 +66,9 @@ class TrtBackend:
     name = "trt"
 
     def __init__(self, model_path: str | Path, device: str = "cuda", max_context: int = DEFAULT_MAX_CONTEXT,
-                 precision: str = "fp16", verify_hashes: bool = True) -> None:
+                 precision: str = "fp16", verify_hashes: bool = True, max_batch: int = 1) -> None:
+        # no batched step yet: the engines' optimization profiles and ping-pong caches are batch 1
+        check_max_batch(self.name, max_batch, 1)
         index = parse_cuda_device(device, "trt backend")
         try:
             trt = import_tensorrt()
