@@ -190,17 +190,26 @@ class NumpyHead:
         # the grammar hands out one cached tuple per state, so this holds a few entries
         self._index_arrays: dict[tuple[int, ...], np.ndarray] = {}
         self._one_blas_thread = _OneBlasThread()
+        self._given: np.ndarray | None = None   # logits of every row for the next choose_full (set_full_logits)
 
     def reset(self, prompt_ids: np.ndarray) -> None:
         self.chooser.reset(prompt_ids)
+        self._given = None
+
+    def set_full_logits(self, logits: np.ndarray) -> None:
+        """Every row's logits [vocab] for the next ``choose_full`` (which may modify them), instead of its own
+        product: the batched decode loop computes them for all its sequences that need the full vocabulary
+        in one product (the table read once for all of them)."""
+        self._given = logits
 
     def observe(self, token_id: int) -> None:
         self.chooser.observe(token_id)
 
     def choose_full(self, hidden: np.ndarray, blocked: np.ndarray | None = None) -> tuple[int, float]:
         """Every row of the vocabulary (exact mode, and FREE steps), except the rows where `blocked` is True."""
-        logits = self._logits
-        np.dot(self.table, hidden, out=logits)
+        logits, self._given = (self._logits, None) if self._given is None else (self._given, None)
+        if logits is self._logits:
+            np.dot(self.table, hidden, out=logits)
         self.chooser.penalize(logits, self.chooser.seen)
         if blocked is not None:
             np.copyto(logits, -np.inf, where=blocked)

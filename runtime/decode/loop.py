@@ -197,6 +197,7 @@ class DecodeLoop:
         self._offsets = np.arange(MAX_STEP_TOKENS, dtype=np.int64)
         self._stop_ids = {ids.im_end, ids.endoftext}
         self._blocked_by_allowed: dict[tuple[int, ...] | None, np.ndarray] = {}
+        self._batch_logits: np.ndarray | None = None   # run_batch's full-vocabulary rows (made on first use)
 
     def _blocked(self, allowed: tuple[int, ...], in_phrase: bool) -> np.ndarray:
         """Rows a structured FREE step may not use: the padding rows (no text) always; in a phrase also
@@ -378,6 +379,7 @@ class DecodeLoop:
                         slots[slot] = self._start(key, start(), slot)
                     except Exception as e:  # this request's failure; the others go on
                         yield key, e
+            self._full_vocabulary_products(slots)
             # every live sequence decides its next run; those that end leave their slot
             for slot, live in enumerate(slots):
                 if live is None or live.pending:
@@ -423,6 +425,27 @@ class DecodeLoop:
                 live.first_chunk = False
                 live.backend_s += elapsed
                 del live.pending[:k]
+
+    def _full_vocabulary_products(self, slots: list[_Live | None]) -> None:
+        """The head rows of a batched step, grouped: the sequences whose next choice is over the whole
+        vocabulary (exact mode, FREE steps) get their logits from one product ([n, H] x [H, vocab]: the
+        table read once for all n) through their head's ``set_full_logits``; the others (coordinates, a
+        few choice ids) keep their own restricted product, so no row widens to the full vocabulary."""
+        rows = []
+        for live in slots:
+            if (live is not None and not live.pending and hasattr(live.head, "set_full_logits")
+                    and len(live.answer.tokens) < live.answer.limits.max_new_tokens
+                    and self._what_next(live.grammar, live.phrases, live.answer.phrase)[0] == FREE):
+                rows.append(live)
+        if len(rows) < 2:
+            return
+        table = self.backend.embed_table
+        if self._batch_logits is None:
+            self._batch_logits = np.empty((self.max_batch, table.shape[0]), np.float32)
+        logits = self._batch_logits[:len(rows)]
+        np.dot(np.stack([live.hidden for live in rows]), table.T, out=logits)
+        for live, row in zip(rows, logits):
+            live.head.set_full_logits(row)
 
     def _start(self, key: object, inp: SequenceInput, slot: int) -> _Live:
         """Prefill ``inp`` into ``slot``; the live sequence, ready to choose its first token."""

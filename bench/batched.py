@@ -1,0 +1,205 @@
+"""Batched decoding: images/s and the decode step at ``max_batch`` N against one image at a time.
+
+    python -P -m rexedge.bench.batched --model cpu-bench --scenario det-448 --images 8 --max-batch 1 4 \\
+        --repeats 3 --json batched.json
+
+Each image of a round is the scenario's image with fresh random pixels, and every sequence is forced to
+the scenario's answer through the real decode loop (``rexedge.bench.scripted.ScriptedHead``, one per
+slot: the real head runs on the real hidden state, the script picks the token), so every setting decodes
+the same tokens. A round is ``RexOmni.inference`` of all the images (the public API: preprocessing,
+vision, prefill, decoding, parsing; with ``max_batch`` > 1 the images decode together). Rounds go
+round the settings in turn (a change in machine load touches all alike); figures are medians.
+
+Reported per setting: images/s over a round; the backend's single-token step (one token per live row;
+``step_batch`` at ``max_batch`` > 1 with all rows live, ``step`` at 1) and a loop step (a round's decode
+time per backend call, head and grammar included); and the floors of a single-token step: weights +
+KV cache read once for all rows over the measured bandwidth, and 2 FLOPs per weight per row over the
+measured float32 matrix-multiply rate (a CPU turns compute-bound when the second exceeds the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rexedge.bench.harness import _bandwidth, _max_context, resolve_model
+from rexedge.bench.metrics import decoder_weight_count, summary
+from rexedge.bench.scenarios import BenchError, forced_response, parse_scenario
+from rexedge.bench.scripted import ScriptedHead
+from rexedge.runtime.decode.head import Sampling
+from rexedge.runtime.decode.loop import DecodeLoop, Limits
+
+
+class StepTimer:
+    """Forwards to the backend; times every single-token step and counts the rows it carried."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self.steps: list[tuple[int, float]] = []   # (live rows, seconds) of single-token steps
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        return self._timed(1, len(token_ids), self._backend.step, token_ids, position_ids)
+
+    def step_batch(self, token_ids: np.ndarray, position_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        return self._timed(int((counts > 0).sum()), token_ids.shape[1], self._backend.step_batch, token_ids,
+                           position_ids, counts)
+
+    def _timed(self, rows: int, width: int, call: Any, *args: Any) -> np.ndarray:
+        self.calls += 1
+        start = time.perf_counter()
+        hidden = call(*args)
+        if width == 1:
+            self.steps.append((rows, time.perf_counter() - start))
+        return hidden
+
+
+def matmul_gflops(size: int = 1536, repeats: int = 5) -> float:
+    """The best float32 matrix-multiply rate numpy reaches here (all threads), GFLOP/s."""
+    a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    out = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.dot(a, a, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+class Setting:
+    """One ``max_batch``: a RexOmni over the bundle with a scripted head per slot and a timed backend."""
+
+    def __init__(self, bundle: Path, max_batch: int, max_context: int, script: list[int], decoding: str,
+                 threads: int | None) -> None:
+        from rexedge.runtime.api import RexOmni
+
+        options = {"threads": threads} if threads else {}
+        self.max_batch = max_batch
+        self.model = RexOmni(bundle, max_context=max_context, max_batch=max_batch, **options)
+        self.timer = StepTimer(self.model.backend)
+        heads = [ScriptedHead(self.model.backend.make_head(Sampling()), script) for _ in range(max_batch)]
+        self.model.loop = DecodeLoop(self.timer, heads[0], self.model.ids, mode=decoding,
+                                     limits=Limits(max_new_tokens=len(script)), heads=heads)
+        self.script = script
+        self.rounds: list[dict[str, float]] = []
+
+    def run(self, images: list[np.ndarray], categories: list[str], task: str) -> None:
+        self.timer.steps, self.timer.calls = [], 0
+        start = time.perf_counter()
+        results = self.model.inference(images, task=task, categories=categories)
+        wall = time.perf_counter() - start
+        for r in results:
+            if r["output_token_ids"] != self.script or r["stop_reason"] != "eos":
+                raise BenchError(f"max_batch {self.max_batch}: an image did not decode its forced answer "
+                                 f"(stop {r['stop_reason']})")
+        full = [s for rows, s in self.timer.steps if rows == min(self.max_batch, len(images))]
+        # decode time of the round: the images' decode stages overlap when batched, so take the span
+        decode_s = sum(r["timings"]["decode_s"] for r in results) if self.max_batch == 1 else \
+            max(r["timings"]["decode_s"] for r in results)
+        self.rounds.append({"images_per_s": len(images) / wall, "wall_s": wall,
+                            "step_ms": float(np.median(full)) * 1e3 if full else float("nan"),
+                            "loop_step_ms": decode_s / max(self.timer.calls, 1) * 1e3,
+                            "backend_calls": self.timer.calls})
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    scenario = parse_scenario(args.scenario)
+    with tempfile.TemporaryDirectory(prefix="rexedge-batched-") as tmp:
+        source = resolve_model(args.model, ["ort"], None, "fp32", Path(tmp), "cpu",
+                               lambda m: print(m, file=sys.stderr))
+        max_context = _max_context(source, [scenario])
+        from rexedge.runtime.request.tokenizer import Tokenizer
+
+        script = forced_response(scenario, Tokenizer.from_dir(source.bundle))
+        settings = [Setting(source.bundle, b, max_context, script, scenario.decoding, args.threads)
+                    for b in args.max_batch]
+        rng = np.random.default_rng(0)
+        width, height = scenario.image_size
+        load = [os.getloadavg()[0]]
+        bandwidth = _bandwidth("cpu")
+        gflops = matmul_gflops()
+        for round_ in range(args.warmup + args.repeats):
+            images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.images)]
+            for setting in settings:
+                setting.run(images, scenario.categories, scenario.task)
+                if round_ < args.warmup:
+                    setting.rounds.clear()
+            print(f"batched: round {round_ + 1}/{args.warmup + args.repeats}", file=sys.stderr)
+        load.append(os.getloadavg()[0])
+        bandwidth = _bandwidth("cpu", bandwidth)
+        cfg = source.config
+        weights = decoder_weight_count(cfg)
+        prompt = len(settings[0].model.prepare(images[0], scenario.task, scenario.categories).prompt_ids)
+        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+        records = []
+        base = None
+        for setting in settings:
+            rows = min(setting.max_batch, args.images)
+            med = {k: summary([r[k] for r in setting.rounds])["median"] for k in setting.rounds[0]}
+            # a single-token step at mid-answer: weights once, each row's cache (prompt + half the answer)
+            bytes_ = weights * 4 + rows * kv_per_token * (prompt + len(script) / 2)
+            floors = {"bandwidth_floor_ms": bytes_ / (bandwidth["bandwidth_gbs"] * 1e9) * 1e3,
+                      "compute_floor_ms": 2 * weights * rows / (gflops * 1e9) * 1e3}
+            record = {"max_batch": setting.max_batch, "rows_per_step": rows, **med, **floors}
+            if base is None:
+                base = record
+            record["images_per_s_vs_1"] = record["images_per_s"] / base["images_per_s"]
+            record["step_vs_1"] = record["step_ms"] / base["step_ms"]
+            records.append(record)
+    return {"schema": "rexedge-bench-batched/1",
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": "python -P -m rexedge.bench.batched " + shlex.join(sys.argv[1:]),
+            "machine": {"cpu": bandwidth["device_name"], "cores": os.cpu_count(),
+                        "bandwidth_gbs": bandwidth["bandwidth_gbs"], "matmul_gflops": round(gflops, 1),
+                        "load_average_1min": load},
+            "model": args.model, "scenario": scenario.name, "images": args.images, "answer_tokens": len(script),
+            "prompt_tokens": prompt, "repeats": args.repeats, "records": records}
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = [f"{report['model']}, {report['scenario']}, {report['images']} images, {report['answer_tokens']}-token "
+             f"answers; {report['machine']['cpu']}, load {report['machine']['load_average_1min']}",
+             "| max_batch | images/s | vs 1 | step ms (1 token/row) | vs 1 | loop step ms | backend calls | "
+             "bandwidth floor ms | compute floor ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["records"]:
+        lines.append(f"| {r['max_batch']} | {r['images_per_s']:.2f} | {r['images_per_s_vs_1']:.2f}x | "
+                     f"{r['step_ms']:.1f} | {r['step_vs_1']:.2f}x | {r['loop_step_ms']:.1f} | "
+                     f"{r['backend_calls']:.0f} | {r['bandwidth_floor_ms']:.1f} | {r['compute_floor_ms']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -P -m rexedge.bench.batched", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="cpu-bench", help="preset, checkpoint or bundle (default: cpu-bench)")
+    parser.add_argument("--scenario", default="det-448", help="a named scenario or WxH:N/K (default: det-448)")
+    parser.add_argument("--images", type=int, default=8, help="images per round (default: 8)")
+    parser.add_argument("--max-batch", type=int, nargs="+", default=[1, 4], help="settings, the first is the "
+                        "reference of the ratios (default: 1 4)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--json", type=Path, help="write the report here")
+    args = parser.parse_args(argv)
+    report = run(args)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
