@@ -21,6 +21,11 @@ well-ordered (x1 > x0, y1 > y0); with constrained phrases each category is answe
 ``none_by_mass=True`` (structured): a category gets a box rather than "None" when the coordinate
 tokens' total probability exceeds "None"'s (``rexedge.runtime.decode.loop``).
 
+``parallel_categories=True`` (detection and pointing, with ``max_batch`` >= the number of categories):
+one image's K categories become K branches, each asking one category, that share the prefill of the
+system prompt and image and decode together; the answers merge in category order
+(``rexedge.runtime.decode.branches``).
+
 ``max_batch=N`` (backends ``ort`` and ``torch`` on the CPU): up to N requests decode together, one
 backend step for all of them (``rexedge.runtime.decode.loop``, ``DecodeLoop.run_batch``); a finished
 request's slot takes the next one at once. ``inference(images=[...])``, ``batch`` and ``streams`` use
@@ -44,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from rexedge.runtime.backends import Backend, load_backend
+from rexedge.runtime.decode.branches import Branch, decode_branches, merged_tokens
 from rexedge.runtime.decode.grammar import Grammar, make_grammar
 from rexedge.runtime.decode.head import Sampling
 from rexedge.runtime.decode.loop import DecodeLoop, Generation, Limits, SequenceInput
@@ -91,6 +97,7 @@ class RexOmni:
         constrain_phrases: bool = False,
         none_by_mass: bool = False,
         max_batch: int = 1,
+        parallel_categories: bool = False,
         **backend_options: Any,
     ) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -107,6 +114,7 @@ class RexOmni:
                 raise RexEdgeError(f"max_batch={max_batch}, but the backend object steps at most "
                                    f"{getattr(backend, 'max_batch', 1)} sequence(s) together")
         self.max_batch = max_batch
+        self.parallel_categories = parallel_categories
         self.config = self.backend.config
         self.tokenizer = self.backend.tokenizer
         self.ids = self.tokenizer.ids
@@ -141,7 +149,7 @@ class RexOmni:
         if not batch:
             raise RexEdgeError("images: expected at least one image, got an empty list")
         per_image = _per_image_categories(categories, len(batch))
-        if self.max_batch == 1:
+        if self.max_batch == 1 or self.parallel_categories:
             return [self.run(self.prepare(image, task, cats, keypoint_type, visual_prompt_boxes, channel_order))
                     for image, cats in zip(batch, per_image)]
         # decoded together (max_batch at a time); every request is checked before the first decodes
@@ -181,8 +189,24 @@ class RexOmni:
         if self.constrain_phrases and task in PHRASE_CONSTRAINED_TASKS:
             names = [categories] if isinstance(categories, str) else list(categories)
             phrases = phrase_table([self.tokenizer.encode_text(name) for name in names], ids.object_ref_end)
+        branches = None
+        names = [categories] if isinstance(categories, str) else list(categories or [])
+        if self.parallel_categories and task in PHRASE_CONSTRAINED_TASKS and len(names) > 1:
+            if len(names) > self.max_batch:
+                raise RexEdgeError(f"parallel_categories: {len(names)} categories need max_batch >= {len(names)} "
+                                   f"(one slot per category), the model has max_batch={self.max_batch}")
+            branches = [self._branch(pre, task, name) for name in names]
         return PreparedRequest(task, pre, task_prompt, prompt_ids, positions, rope_delta, grammar,
-                               time.perf_counter() - t0, phrases)
+                               time.perf_counter() - t0, phrases, branches)
+
+    def _branch(self, pre: PreprocessedImage, task: str, name: str) -> Branch:
+        """One category's prompt on ``pre`` (parallel categories)."""
+        _, prompt_ids, positions, rope_delta = encode_task(self.tokenizer, pre, task, [name], None, None,
+                                                           self.system_prompt)
+        phrases = (phrase_table([self.tokenizer.encode_text(name)], self.ids.object_ref_end)
+                   if self.constrain_phrases else None)
+        return Branch(prompt_ids, positions, rope_delta, make_grammar(task, self.ids, pre.image_size,
+                                                                      decode=self.decode), phrases)
 
     def run(self, prepared: PreparedRequest, loop: DecodeLoop | None = None) -> dict[str, Any]:
         """The backend half: encode the image, decode, parse; one result dictionary (``Result.to_official``).
@@ -192,9 +216,30 @@ class RexOmni:
         t1 = time.perf_counter()
         image_embeds = self.backend.encode_image(prepared.image)
         vision_s = time.perf_counter() - t1
+        if prepared.branches is not None:
+            return self._result(prepared, self._decode_branches(prepared, image_embeds, loop or self.loop), t1, vision_s)
         gen = (loop or self.loop).run(prepared.prompt_ids, image_embeds, prepared.positions, prepared.rope_delta,
                                       prepared.grammar, prepared.phrases)
         return self._result(prepared, gen, t1, vision_s)
+
+    def _decode_branches(self, prepared: PreparedRequest, image_embeds: np.ndarray, loop: DecodeLoop) -> Generation:
+        """Parallel categories: the branches decoded together (``rexedge.runtime.decode.branches``), merged
+        into one Generation in category order; the request's grammar reads the merged answer (its absent
+        phrases, and a check that it is grammatical)."""
+        t0 = time.perf_counter()
+        gens = decode_branches(loop, prepared.branches, image_embeds)
+        tokens = merged_tokens(gens, self.ids)
+        stops = [g.stop_reason for g in gens if g.stop_reason != "eos"]
+        if not stops:   # every branch answered in full: the merged answer is one of the task's grammar
+            for token in tokens:
+                prepared.grammar.advance(token)
+        steps = {kind: sum(g.steps.get(kind, 0) for g in gens) for kind in gens[0].steps}
+        prefill_s = max(g.prefill_s for g in gens)
+        return Generation(token_ids=tokens, detections=[d for g in gens for d in g.detections],
+                          stop_reason=stops[0] if stops else "eos", prefill_s=prefill_s,
+                          decode_s=time.perf_counter() - t0 - prefill_s,
+                          backend_s=max(g.backend_s for g in gens), steps=steps,
+                          forced_tokens=sum(g.forced_tokens for g in gens))
 
     def run_many(self, requests: Iterable[tuple[K, PreparedRequest | Exception]]
                  ) -> Iterator[tuple[K, dict[str, Any] | Exception]]:
@@ -203,6 +248,14 @@ class RexOmni:
         in its place, as a pipeline's failed preparation; or its image encoding or prefill failing) is
         (key, the exception), and the others go on. ``requests`` is read as slots free up, so it may be
         a generator that prepares ahead."""
+        if self.parallel_categories:   # each image's categories fill the slots: images go one at a time
+            for key, prepared in requests:
+                try:
+                    outcome = prepared if isinstance(prepared, Exception) else self.run(prepared)
+                except Exception as e:  # this request's failure
+                    outcome = e
+                yield key, outcome
+            return
         started: dict[int, tuple[PreparedRequest, float, float]] = {}
 
         def start_of(number: int, prepared: PreparedRequest | Exception):
@@ -303,6 +356,7 @@ class PreparedRequest:
     grammar: Grammar
     preprocess_s: float
     phrases: PhraseTable | None = None
+    branches: list[Branch] | None = None   # parallel categories: one request per category, sharing the image
 
 
 def _per_image_categories(categories: Any, n: int) -> list[Any]:

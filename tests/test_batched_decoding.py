@@ -338,3 +338,62 @@ def test_limits_are_named(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
     small, large = np.zeros((40, 40, 3), np.uint8), np.zeros((400, 400, 3), np.uint8)
     with pytest.raises(RexEdgeError, match=r"images\[1\]: the prompt needs \d+ tokens but the backend holds 200"):
         model.inference([small, large, small], categories=["cup"])
+
+
+class CallCounter:
+    """Forwards to a backend and counts the calls of each method."""
+
+    def __init__(self, backend) -> None:
+        self._backend = backend
+        self.counts: dict[str, int] = {}
+
+    def __getattr__(self, name: str):
+        value = getattr(self._backend, name)
+        if not callable(value):
+            return value
+
+        def counted(*args, **kwargs):
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return value(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_parallel_categories_share_one_prefill_and_merge_in_category_order(backend: str, tiny_bundle: Path,
+                                                                          tiny_checkpoint: Path) -> None:
+    """Each category's branch decodes what its one-category prompt decodes alone; the image is encoded and
+    the shared prefix prefilled once (copied into the other slots); the answers merge in category order."""
+    from rexedge.runtime.api import RexOmni
+
+    path = tiny_bundle if backend == "ort" else tiny_checkpoint
+    categories = ["cup", "door handle", "red car", "x"]
+    options = dict(backend=backend, max_context=800, max_tokens=150, constrain_phrases=True)
+    parallel = RexOmni(path, max_batch=4, parallel_categories=True, **options)
+    alone = RexOmni(path, **options)
+    for model in (parallel, alone):   # the random model would end at once: kept to its categories
+        model.loop.heads = [KeepGoing(head, model.ids, groups=4) for head in model.loop.heads]
+        model.loop.head = model.loop.heads[0]
+    counter = CallCounter(parallel.backend)
+    parallel.backend = parallel.loop.backend = counter
+    ids = parallel.ids
+    rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+    for _ in range(2):
+        image = rng.integers(0, 256, (int(rng.integers(40, 130)), int(rng.integers(40, 130)), 3), dtype=np.uint8)
+        counter.counts.clear()
+        [result] = parallel.inference(image, categories=categories)
+        assert counter.counts["encode_image"] == 1 and counter.counts["prefill"] == 1
+        assert counter.counts["copy_slot"] == len(categories) - 1 and counter.counts["step"] == len(categories)
+        expected: list[int] = []
+        for name in categories:
+            [one] = alone.inference(image, categories=[name])
+            assert one["stop_reason"] == "eos"
+            answer = one["output_token_ids"][:-1]
+            expected += ([ids.comma, ids.space] if expected and answer else []) + answer
+        assert result["output_token_ids"] == expected + [ids.im_end]
+        assert result["stop_reason"] == "eos"
+        answered = [name for name in categories if name in result["extracted_predictions"]]
+        assert list(result["extracted_predictions"]) == answered and answered
+        assert [d.phrase for d in result["detections"]] == sorted((d.phrase for d in result["detections"]),
+                                                                  key=categories.index)
+    with pytest.raises(RexEdgeError, match="5 categories need max_batch >= 5"):
+        parallel.inference(image, categories=categories + ["y"])

@@ -104,6 +104,14 @@ class BatchBackend(Backend, Protocol):
         row with count 0)."""
         ...
 
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray, slot: int = 0) -> np.ndarray:
+        """``Backend.step`` into ``slot``."""
+        ...
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Slot ``target`` gets a copy of ``source``'s cached tokens (branches that share a prefill)."""
+        ...
+
     def slot_length(self, slot: int) -> int:
         """Tokens cached in ``slot``."""
         ...

@@ -178,8 +178,11 @@ class SlotSession:
         self._slot_bytes = int(np.prod(shape[1:])) * self.kv_dtype.itemsize
         names = [(schema.past(kind, i), schema.present(kind, i))
                  for i in range(config.num_hidden_layers) for kind in schema.KV_KINDS]
-        self._kv = [(past, present, ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), device_type,
-                                                                      device_id)) for past, present in names]
+        arrays = [np.zeros(shape, self.kv_dtype) for _ in names]
+        # on the CPU an OrtValue wraps its array (no copy): copy_slot works on the arrays
+        self._host = arrays if device_type == "cpu" else None
+        self._kv = [(past, present, ort.OrtValue.ortvalue_from_numpy(array, device_type, device_id))
+                    for (past, present), array in zip(names, arrays)]
         # single-token steps of B rows: host buffers and a binding kept per B (built on first use)
         self._token_steps: dict[int, tuple[Feeds, np.ndarray, ort.IOBinding, list[ort.OrtValue]]] = {}
 
@@ -213,6 +216,15 @@ class SlotSession:
         del values
         self.lengths[slot] += tokens
         return hidden[0, -1]
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Slot ``target`` holds what ``source`` holds (its cached tokens, copied)."""
+        if self._host is None:
+            raise BackendError(f"ort backend: copying a KV slot runs on the CPU, not on {self.device_type}")
+        length = int(self.lengths[source])
+        for buffer in self._host:
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self.lengths[target] = length
 
     def append_rows(self, embeds: np.ndarray, positions: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """One step of slots 0..B-1: embeds [B, T, H], positions [3, B, T], counts [B] real tokens per row

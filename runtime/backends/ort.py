@@ -138,15 +138,24 @@ class OrtBackend(HostHeadBackend):
         self._decoder.reset()
         return self._decoder.append(embeds, positions)
 
-    def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        """Append tokens; for one token the result is a view of the backend's output buffer,
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray, slot: int = 0) -> np.ndarray:
+        """Append tokens (to ``slot``); for one token the result is a view of the backend's output buffer,
         valid until the next call (copy it to keep it)."""
         token_ids = check_token_ids(self.name, token_ids, self.embed_table.shape[0])
         positions = check_positions(self.name, position_ids, token_ids.size)
-        check_capacity(self.name, self._length, token_ids.size, self.max_context)
+        check_slot(self.name, slot, self.max_batch)
+        check_capacity(self.name, self.slot_length(slot), token_ids.size, self.max_context)
         if self.max_batch > 1:
-            return self._decoder.append_slot(0, self.embed_table[token_ids], positions)
+            return self._decoder.append_slot(slot, self.embed_table[token_ids], positions)
         return self._decoder.append(self.embed_table[token_ids], positions)
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Slot ``target`` gets a copy of ``source``'s cache (branches that share a prefill)."""
+        check_slot(self.name, source, self.max_batch)
+        check_slot(self.name, target, self.max_batch)
+        if self.max_batch == 1:
+            raise BackendError("ort backend: copying a KV slot needs max_batch > 1")
+        self._decoder.copy_slot(source, target)
 
     def step_batch(self, token_ids: np.ndarray, position_ids: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """One step of slots 0..B-1 (see ``BatchBackend.step_batch``); [B, H], a new array."""

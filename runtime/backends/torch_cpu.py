@@ -163,9 +163,19 @@ class TorchBackend(HostHeadBackend):
             self._lengths[slot] += int(counts[slot])
         return hidden[torch.arange(rows), torch.from_numpy(np.maximum(counts, 1) - 1)].float().numpy()
 
-    def step(self, token_ids: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def step(self, token_ids: np.ndarray, position_ids: np.ndarray, slot: int = 0) -> np.ndarray:
         token_ids = check_token_ids(self.name, token_ids, self.config.vocab_size)
         positions = check_positions(self.name, position_ids, token_ids.size)
+        check_slot(self.name, slot, self.max_batch)
         with torch.inference_mode():
-            return self._run(self._model.embed(torch.from_numpy(np.array(token_ids, np.int64))[None]), positions)
+            return self._run(self._model.embed(torch.from_numpy(np.array(token_ids, np.int64))[None]), positions, slot)
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Slot ``target`` gets a copy of ``source``'s cache (branches that share a prefill)."""
+        check_slot(self.name, source, self.max_batch)
+        check_slot(self.name, target, self.max_batch)
+        length = self._lengths[source]
+        for buffer in self._cache.keys + self._cache.values:
+            buffer[target, :, :length] = buffer[source, :, :length]
+        self._lengths[target] = length
 

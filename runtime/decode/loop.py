@@ -152,6 +152,10 @@ class SequenceInput:
     grammar: object
     phrases: PhraseTable | None = None
     limits: Limits | None = None       # this sequence's guards; None: the loop's
+    # a sequence whose start put its prompt in the backend itself (branches of a shared prefill): the slot it
+    # used (the one run_batch gives it) and the hidden state after its prompt; image_embeds are then unused
+    slot: int | None = None
+    hidden: np.ndarray | None = None
 
 
 class _Live:
@@ -450,8 +454,13 @@ class DecodeLoop:
     def _start(self, key: object, inp: SequenceInput, slot: int) -> _Live:
         """Prefill ``inp`` into ``slot``; the live sequence, ready to choose its first token."""
         t0 = time.perf_counter()
-        embeds = embed_prompt(self.backend.embed_table, inp.prompt_ids, inp.image_embeds, self.ids.image_pad)
-        hidden = np.array(self.backend.prefill(embeds, inp.positions, slot=slot))
+        if inp.hidden is not None:
+            if inp.slot != slot:
+                raise DecodingError(f"a sequence prefilled into slot {inp.slot} was given slot {slot}")
+            hidden = np.array(inp.hidden)
+        else:
+            embeds = embed_prompt(self.backend.embed_table, inp.prompt_ids, inp.image_embeds, self.ids.image_pad)
+            hidden = np.array(self.backend.prefill(embeds, inp.positions, slot=slot))
         head = self.heads[slot]
         head.reset(inp.prompt_ids)
         answer = _Answer(self.ids, inp.grammar, inp.limits or self.limits, self._stop_ids)
