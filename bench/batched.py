@@ -10,6 +10,10 @@ the same tokens. A round is ``RexOmni.inference`` of all the images (the public 
 vision, prefill, decoding, parsing; with ``max_batch`` > 1 the images decode together). Rounds go
 round the settings in turn (a change in machine load touches all alike); figures are medians.
 
+With ``--categories-scenario`` (e.g. ``448x448:24/6``) it also decodes one image's K categories as the
+joint prompt (batch 1) and as parallel categories (K branches sharing the image's prefill,
+``max_batch`` K), both forced to the same boxes, and reports prefill, decode and end-to-end times.
+
 Reported per setting: images/s over a round; the backend's single-token step (one token per live row;
 ``step_batch`` at ``max_batch`` > 1 with all rows live, ``step`` at 1) and a loop step (a round's decode
 time per backend call, head and grammar included); and the floors of a single-token step: weights +
@@ -138,6 +142,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if round_ < args.warmup:
                     setting.rounds.clear()
             print(f"batched: round {round_ + 1}/{args.warmup + args.repeats}", file=sys.stderr)
+        categories = (parallel_categories(source.bundle, args.categories_scenario, args.repeats, args.warmup,
+                                          args.threads) if args.categories_scenario else None)
         load.append(os.getloadavg()[0])
         bandwidth = _bandwidth("cpu", bandwidth)
         cfg = source.config
@@ -166,7 +172,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "bandwidth_gbs": bandwidth["bandwidth_gbs"], "matmul_gflops": round(gflops, 1),
                         "load_average_1min": load},
             "model": args.model, "scenario": scenario.name, "images": args.images, "answer_tokens": len(script),
-            "prompt_tokens": prompt, "repeats": args.repeats, "records": records}
+            "prompt_tokens": prompt, "repeats": args.repeats, "records": records, "parallel_categories": categories}
+
+
+def branch_scripts(script: list[int], ids: Any) -> list[list[int]]:
+    """The joint answer's groups, one per category, each ended by <|im_end|>: what each branch answers (merged
+    back in order they are the joint answer)."""
+    starts = [i for i, t in enumerate(script) if t == ids.object_ref_start]
+    ends = [i - 2 for i in starts[1:]] + [len(script) - 1]   # before ", " and before the final <|im_end|>
+    return [script[a:b] + [ids.im_end] for a, b in zip(starts, ends)]
+
+
+def parallel_categories(bundle: Path, scenario_text: str, repeats: int, warmup: int, threads: int | None
+                        ) -> dict[str, Any]:
+    """The scenario's image and categories asked jointly (one prompt, batch 1) and as parallel categories (one
+    branch per category sharing the image's prefill), both forced to the same boxes: medians in seconds."""
+    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.request.tokenizer import Tokenizer
+
+    scenario = parse_scenario(scenario_text)
+    script = forced_response(scenario, Tokenizer.from_dir(bundle))
+    options = {"threads": threads} if threads else {}
+    joint = RexOmni(bundle, max_context=2048, **options)
+    joint.loop = DecodeLoop(joint.backend, ScriptedHead(joint.backend.make_head(Sampling()), script), joint.ids,
+                            mode=scenario.decoding, limits=Limits(max_new_tokens=len(script)))
+    k = scenario.num_categories
+    parallel = RexOmni(bundle, max_context=2048, max_batch=k, parallel_categories=True, **options)
+    heads = [ScriptedHead(parallel.backend.make_head(Sampling()), branch)
+             for branch in branch_scripts(script, parallel.ids)]
+    parallel.loop = DecodeLoop(parallel.backend, heads[0], parallel.ids, mode=scenario.decoding,
+                               limits=Limits(max_new_tokens=len(script)), heads=heads)
+    rng = np.random.default_rng(1)
+    width, height = scenario.image_size
+    runs: dict[str, list[dict[str, float]]] = {"joint": [], "parallel": []}
+    for round_ in range(warmup + repeats):
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        for name, model in (("joint", joint), ("parallel", parallel)):
+            [r] = model.inference(image, task=scenario.task, categories=scenario.categories)
+            if r["output_token_ids"] != script:
+                raise BenchError(f"parallel categories: the {name} run did not decode the forced answer")
+            t = r["timings"]
+            if round_ >= warmup:
+                runs[name].append({"prefill_s": t["prefill_s"], "decode_s": t["decode_s"],
+                                   "end_to_end_s": r["inference_time"], "prompt_tokens": r["num_prompt_tokens"]})
+    med = {name: {k: summary([r[k] for r in rs])["median"] for k in rs[0]} for name, rs in runs.items()}
+    return {"scenario": scenario.name, "categories": k, "answer_tokens": len(script), **med,
+            "decode_vs_joint": med["parallel"]["decode_s"] / med["joint"]["decode_s"],
+            "end_to_end_vs_joint": med["parallel"]["end_to_end_s"] / med["joint"]["end_to_end_s"]}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -179,6 +231,13 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['max_batch']} | {r['images_per_s']:.2f} | {r['images_per_s_vs_1']:.2f}x | "
                      f"{r['step_ms']:.1f} | {r['step_vs_1']:.2f}x | {r['loop_step_ms']:.1f} | "
                      f"{r['backend_calls']:.0f} | {r['bandwidth_floor_ms']:.1f} | {r['compute_floor_ms']:.1f} |")
+    c = report["parallel_categories"]
+    if c:
+        lines += ["", f"parallel categories, {c['scenario']} ({c['categories']} categories, {c['answer_tokens']}-token "
+                  f"answer): decode {c['parallel']['decode_s']:.2f} s vs joint {c['joint']['decode_s']:.2f} s "
+                  f"({c['decode_vs_joint']:.2f}x); end to end {c['parallel']['end_to_end_s']:.2f} s vs "
+                  f"{c['joint']['end_to_end_s']:.2f} s ({c['end_to_end_vs_joint']:.2f}x); prefill "
+                  f"{c['parallel']['prefill_s']:.2f} s vs {c['joint']['prefill_s']:.2f} s"]
     return "\n".join(lines)
 
 
@@ -192,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    parser.add_argument("--categories-scenario", metavar="WxH:N/K", help="also time parallel categories against "
+                        "the joint prompt on this scenario (e.g. 448x448:24/6)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     report = run(args)

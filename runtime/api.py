@@ -227,14 +227,13 @@ class RexOmni:
         into one Generation in category order; the request's grammar reads the merged answer (its absent
         phrases, and a check that it is grammatical)."""
         t0 = time.perf_counter()
-        gens = decode_branches(loop, prepared.branches, image_embeds)
+        gens, prefill_s = decode_branches(loop, prepared.branches, image_embeds)
         tokens = merged_tokens(gens, self.ids)
         stops = [g.stop_reason for g in gens if g.stop_reason != "eos"]
         if not stops:   # every branch answered in full: the merged answer is one of the task's grammar
             for token in tokens:
                 prepared.grammar.advance(token)
         steps = {kind: sum(g.steps.get(kind, 0) for g in gens) for kind in gens[0].steps}
-        prefill_s = max(g.prefill_s for g in gens)
         return Generation(token_ids=tokens, detections=[d for g in gens for d in g.detections],
                           stop_reason=stops[0] if stops else "eos", prefill_s=prefill_s,
                           decode_s=time.perf_counter() - t0 - prefill_s,

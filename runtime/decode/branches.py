@@ -14,6 +14,7 @@ once): measure its quality before relying on it (bench/RESULTS.md).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -47,9 +48,10 @@ def shared_prefix(branches: list[Branch], ids: TokenIds) -> int:
     return length
 
 
-def decode_branches(loop: DecodeLoop, branches: list[Branch], image_embeds: np.ndarray) -> list[Generation]:
-    """Decode the K branches of one image (K <= the loop's max_batch, the loop idle); one Generation each,
-    in branch order. The shared prefix is prefilled once; each branch appends the rest of its prompt."""
+def decode_branches(loop: DecodeLoop, branches: list[Branch], image_embeds: np.ndarray
+                    ) -> tuple[list[Generation], float]:
+    """Decode the K branches of one image (K <= the loop's max_batch, the loop idle): one Generation each, in
+    branch order, and the seconds the prefills took (the shared prefix once, then each branch's own rest)."""
     backend, ids = loop.backend, loop.ids
     if len(branches) > loop.max_batch:
         raise RexEdgeError(f"parallel categories: {len(branches)} categories need max_batch >= {len(branches)} "
@@ -59,22 +61,25 @@ def decode_branches(loop: DecodeLoop, branches: list[Branch], image_embeds: np.n
 
     def start_of(index: int, branch: Branch) -> Callable[[], SequenceInput]:
         def start() -> SequenceInput:
+            began = time.perf_counter()
             if index == 0:   # the shared prefix, once, then into every other branch's slot
                 prefix = embed_prompt(backend.embed_table, first.prompt_ids[:length], image_embeds, ids.image_pad)
                 backend.prefill(prefix, first.positions[:, :length], slot=0)
                 for other in range(1, len(branches)):
                     backend.copy_slot(0, other)
             hidden = backend.step(branch.prompt_ids[length:], branch.positions[:, length:], slot=index)
+            prefill_s[index] = time.perf_counter() - began
             return SequenceInput(branch.prompt_ids, image_embeds, branch.positions, branch.rope_delta, branch.grammar,
                                  branch.phrases, slot=index, hidden=np.array(hidden))
         return start
 
+    prefill_s: dict[int, float] = {}
     generations: dict[int, Generation] = {}
     for index, outcome in loop.run_batch((i, start_of(i, b)) for i, b in enumerate(branches)):
         if isinstance(outcome, Exception):
             raise outcome
         generations[index] = outcome
-    return [generations[i] for i in range(len(branches))]
+    return [generations[i] for i in range(len(branches))], sum(prefill_s.values())
 
 
 def merged_tokens(generations: list[Generation], ids: TokenIds) -> list[int]:
