@@ -217,7 +217,8 @@ class RexOmni:
         image_embeds = self.backend.encode_image(prepared.image)
         vision_s = time.perf_counter() - t1
         if prepared.branches is not None:
-            return self._result(prepared, self._decode_branches(prepared, image_embeds, loop or self.loop), t1, vision_s)
+            gen = self._decode_branches(prepared, image_embeds, loop or self.loop)
+            return self._result(prepared, gen, t1, vision_s)
         gen = (loop or self.loop).run(prepared.prompt_ids, image_embeds, prepared.positions, prepared.rope_delta,
                                       prepared.grammar, prepared.phrases)
         return self._result(prepared, gen, t1, vision_s)

@@ -116,8 +116,9 @@ def decode_all(model, backend, made: list[tuple], mode: str, max_batch: int, kee
     loop = DecodeLoop(backend, heads[0], model.ids, mode=mode, heads=heads)
 
     def start_of(prepared, limits):
-        return lambda: SequenceInput(prepared.prompt_ids, model.backend.encode_image(prepared.image), prepared.positions,
-                                     prepared.rope_delta, prepared.grammar, prepared.phrases, limits)
+        return lambda: SequenceInput(prepared.prompt_ids, model.backend.encode_image(prepared.image),
+                                     prepared.positions, prepared.rope_delta, prepared.grammar, prepared.phrases,
+                                     limits)
 
     finished = list(loop.run_batch((i, start_of(*item)) for i, item in enumerate(made)))
     return finished

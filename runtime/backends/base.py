@@ -137,7 +137,8 @@ def check_batch_step(backend_name: str, token_ids: np.ndarray, position_ids: np.
     """The arguments of ``step_batch`` checked: tokens [B, T] (1 <= B <= max_batch, T <= MAX_STEP_TOKENS),
     positions [3, B, T], counts [B] in 0..T with at least one row stepping."""
     token_ids, position_ids, counts = np.asarray(token_ids), np.asarray(position_ids), np.asarray(counts)
-    if token_ids.ndim != 2 or not 1 <= token_ids.shape[0] <= max_batch or not 1 <= token_ids.shape[1] <= MAX_STEP_TOKENS:
+    if (token_ids.ndim != 2 or not 1 <= token_ids.shape[0] <= max_batch
+            or not 1 <= token_ids.shape[1] <= MAX_STEP_TOKENS):
         raise BackendError(f"{backend_name} backend: step_batch token_ids must be [B, T] with B in 1..{max_batch} "
                            f"and T in 1..{MAX_STEP_TOKENS}, got {token_ids.shape}")
     rows, tokens = token_ids.shape

@@ -78,9 +78,9 @@ class OrtBackend(HostHeadBackend):
                                f"export with --flavour ort")
         bundle_batch = bundle.decoder.dims.get(schema.BATCH_DIM, (1, 1))[1]
         if max_batch > bundle_batch:
-            raise BackendError(f"ort backend: max_batch={max_batch}, but the bundle {bundle.directory} allows a decoder "
-                               f"batch of at most {bundle_batch} (exported before batched decoding?); re-export it "
-                               f"with this rexedge (rexedge export) or use max_batch <= {bundle_batch}")
+            raise BackendError(f"ort backend: max_batch={max_batch}, but the bundle {bundle.directory} allows a "
+                               f"decoder batch of at most {bundle_batch} (exported before batched decoding?); "
+                               f"re-export it with this rexedge (rexedge export) or use max_batch <= {bundle_batch}")
         cfg = bundle.config
         if not 1 <= max_context <= cfg.max_position_embeddings:
             raise BackendError(f"ort backend: max_context must be in 1..{cfg.max_position_embeddings}, "

@@ -4,8 +4,9 @@ It is the reference the exported graphs are checked against, and needs no export
 Its KV cache is the model's own per-layer ``[1, kv_heads, max_context, head_dim]``
 buffers, written in place; with ``max_batch`` > 1 the buffers hold ``max_batch`` slots of
 ``max_context + MAX_STEP_TOKENS`` (the batched step's padding room) and ``step_batch`` runs the model's
-own layers with :class:`RowOps`, which give every row its own cache positions. On CUDA, ``load_backend("torch", ..., device="cuda")`` gives
-the Triton / CUDA-graph backend instead (``torch_cuda``).
+own layers with ``RowOps`` (made by ``_row_ops``), which give every row its own cache positions. On
+CUDA, ``load_backend("torch", ..., device="cuda")`` gives the Triton / CUDA-graph backend instead
+(``torch_cuda``).
 """
 
 from __future__ import annotations

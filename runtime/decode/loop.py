@@ -32,6 +32,11 @@ that opened them (free / coord / choice); ``forced`` counts steps that hold forc
 only (the continuation of a run longer than ``MAX_STEP_TOKENS``).
 ``Generation.forced_tokens`` counts the forced tokens of the output.
 
+Batching (``run_batch``, a backend with ``max_batch`` > 1): up to ``max_batch`` sequences in slots,
+each with its own grammar, head (``heads``), guards and limits, stepped together by one backend call
+per step; a finished sequence's slot takes the next request at once. A sequence decodes the tokens it
+would decode alone. The rows whose next choice is over the full vocabulary share one head product.
+
 The grammar runs in both modes, so detections (and the guards that look at them) are
 the same machinery either way. Guards: max_new_tokens (counts every token, forced ones
 too), a cap on boxes, four zero coordinates in a row, a box that repeats one already
@@ -346,10 +351,13 @@ class DecodeLoop:
         ``requests``: (key, start) pairs, read lazily; ``start()`` makes the sequence's input (encoding
         its image: it runs when a slot is free, between decode steps). An exception from ``start`` or
         from its prefill is that request's: it is yielded as (key, error) and the others go on (an error
-        of a batched step, which holds every live sequence, is raised). Scheduling: free slots are filled (lowest first, each by a batch-1 image encoding and
-        prefill into that slot) before every step; then one ``step_batch`` call appends every live
-        sequence's next run (its chosen token and the forced tokens after it), rows padded to the
-        longest run. With one slot this is ``run`` for each request in turn.
+        of a batched step, which holds every live sequence, is raised).
+
+        Scheduling: before every step the free slots are filled, lowest first (so a step's rows are the
+        first slots), each by its request's image encoding and a batch-1 prefill into that slot; then one
+        ``step_batch`` call appends every live sequence's next run (its chosen token and the forced tokens
+        after it): rows of different run lengths are padded to the longest (the backend may group them
+        instead: ``ort`` does, see its SlotSession). With one slot this is ``run`` for each request in turn.
 
         Each sequence decodes as ``run`` would decode it alone (its own grammar, head, guards and stop
         reason); ``decode_s`` is its wall time from its first step to its end, shared with the others."""

@@ -155,7 +155,8 @@ def _run_on_ray(ray: Any, plan: BatchPlan, model_path: str, model_options: dict[
         paths = ray.data.from_items([{"path": path} for path in todo],
                                     override_num_blocks=min(len(todo), MAX_BLOCKS))
         lines = paths.map_batches(
-            ImageActor, fn_constructor_args=(model_path, model_options, plan.request, os.getcwd()), batch_size=max_batch,
+            ImageActor, fn_constructor_args=(model_path, model_options, plan.request, os.getcwd()),
+            batch_size=max_batch,
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, num_gpus=gpus_per_actor or None)
         # no retry options given: Ray Data's actor pools restart a dead actor (max_restarts=-1) and retry
         # its tasks (max_task_retries=-1) by default, and passing them is deprecated (tests/test_ray_batch.py
