@@ -398,3 +398,30 @@ def test_parallel_categories_share_one_prefill_and_merge_in_category_order(backe
                                                                   key=categories.index)
     with pytest.raises(RexEdgeError, match="5 categories need max_batch >= 5"):
         parallel.inference(image, categories=categories + ["y"])
+
+
+def test_a_ray_actor_decodes_its_call_together(tiny_bundle: Path, tmp_path: Path) -> None:
+    """``ImageActor`` (run here without Ray) with max_batch=3: its lines are the batch-1 lines, in path order."""
+    import json
+
+    from PIL import Image
+
+    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.pipelines.batch import image_record
+    from rexedge.runtime.pipelines.ray_batch import ImageActor
+
+    rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (int(rng.integers(30, 90)), 60, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    Path(paths[1]).write_bytes(b"not an image")
+    request = {"task": "detection", "categories": ["cup"], "keypoint_type": None, "visual_prompt_boxes": None}
+    actor = ImageActor(str(tiny_bundle), {"max_tokens": 40, "decoding": "exact", "max_batch": 3}, request,
+                       str(tmp_path))
+    lines = [json.loads(line) for line in actor({"path": np.array(paths)})["line"]]
+    single = RexOmni(tiny_bundle, max_tokens=40, decoding="exact")
+    expected = [json.loads(json.dumps(image_record(single, p, request))) for p in paths]   # as a line reads back
+    assert [comparable(line) for line in lines] == [comparable(line) for line in expected]
+    assert [line["status"] for line in lines] == ["ok", "error", "ok", "ok"]
