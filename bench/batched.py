@@ -14,6 +14,10 @@ With ``--categories-scenario`` (e.g. ``448x448:24/6``) it also decodes one image
 joint prompt (batch 1) and as parallel categories (K branches sharing the image's prefill,
 ``max_batch`` K), both forced to the same boxes, and reports prefill, decode and end-to-end times.
 
+``--pad-vs-group`` also times, on the torch CPU backend, one step of 4 rows whose jump-forward runs differ
+(1, 3, 1, 1 tokens) padded into one call against grouped into two (``ort`` cannot pad: its attention
+operator takes several rows one token at a time, so it groups).
+
 Reported per setting: images/s over a round; the backend's single-token step (one token per live row;
 ``step_batch`` at ``max_batch`` > 1 with all rows live, ``step`` at 1) and a loop step (a round's decode
 time per backend call, head and grammar included); and the floors of a single-token step: weights +
@@ -142,6 +146,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if round_ < args.warmup:
                     setting.rounds.clear()
             print(f"batched: round {round_ + 1}/{args.warmup + args.repeats}", file=sys.stderr)
+        padding = (pad_vs_group(source.checkpoint) if args.pad_vs_group and source.checkpoint is not None
+                   else None)
         categories = (parallel_categories(source.bundle, args.categories_scenario, args.repeats, args.warmup,
                                           args.threads) if args.categories_scenario else None)
         load.append(os.getloadavg()[0])
@@ -172,7 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "bandwidth_gbs": bandwidth["bandwidth_gbs"], "matmul_gflops": round(gflops, 1),
                         "load_average_1min": load},
             "model": args.model, "scenario": scenario.name, "images": args.images, "answer_tokens": len(script),
-            "prompt_tokens": prompt, "repeats": args.repeats, "records": records, "parallel_categories": categories}
+            "prompt_tokens": prompt, "repeats": args.repeats, "records": records, "parallel_categories": categories,
+            "torch_pad_vs_group": padding}
 
 
 def branch_scripts(script: list[int], ids: Any) -> list[list[int]]:
@@ -221,6 +228,31 @@ def parallel_categories(bundle: Path, scenario_text: str, repeats: int, warmup: 
             "end_to_end_vs_joint": med["parallel"]["end_to_end_s"] / med["joint"]["end_to_end_s"]}
 
 
+def pad_vs_group(checkpoint: Path, repeats: int = 10, context: int = 300) -> dict[str, float]:
+    """torch CPU: one step of 4 rows whose runs are 1, 3, 1, 1 tokens, padded into one call, against grouped
+    (a call of one token per row, then the 3-token run as a batch-1 call); medians in ms, interleaved."""
+    from rexedge.runtime.backends import load_backend
+
+    backend = load_backend("torch", checkpoint, max_context=context + 16, max_batch=4)
+    rng = np.random.default_rng(0)
+    prompt = rng.standard_normal((context, backend.config.hidden_size)).astype(np.float32)
+    tokens = rng.integers(0, 1000, (4, 3))
+    positions = np.tile(np.arange(context, context + 3), (3, 4, 1))
+    times: dict[str, list[float]] = {"padded_ms": [], "grouped_ms": []}
+    for _ in range(repeats + 2):
+        for name in times:
+            for slot in range(4):   # the same cache before every step
+                backend.prefill(prompt, np.tile(np.arange(context), (3, 1)), slot=slot)
+            start = time.perf_counter()
+            if name == "padded_ms":
+                backend.step_batch(tokens, positions, np.array([1, 3, 1, 1]))
+            else:
+                backend.step_batch(tokens[:, :1], positions[:, :, :1], np.array([1, 0, 1, 1]))
+                backend.step(tokens[1], positions[:, 1], slot=1)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: float(np.median(values[2:])) for name, values in times.items()}
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [f"{report['model']}, {report['scenario']}, {report['images']} images, {report['answer_tokens']}-token "
              f"answers; {report['machine']['cpu']}, load {report['machine']['load_average_1min']}",
@@ -231,6 +263,10 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"| {r['max_batch']} | {r['images_per_s']:.2f} | {r['images_per_s_vs_1']:.2f}x | "
                      f"{r['step_ms']:.1f} | {r['step_vs_1']:.2f}x | {r['loop_step_ms']:.1f} | "
                      f"{r['backend_calls']:.0f} | {r['bandwidth_floor_ms']:.1f} | {r['compute_floor_ms']:.1f} |")
+    if report["torch_pad_vs_group"]:
+        pad = report["torch_pad_vs_group"]
+        lines += ["", f"torch CPU, 4 rows with runs of 1, 3, 1, 1 tokens: padded {pad['padded_ms']:.1f} ms, grouped "
+                  f"{pad['grouped_ms']:.1f} ms"]
     c = report["parallel_categories"]
     if c:
         lines += ["", f"parallel categories, {c['scenario']} ({c['categories']} categories, {c['answer_tokens']}-token "
@@ -253,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
     parser.add_argument("--categories-scenario", metavar="WxH:N/K", help="also time parallel categories against "
                         "the joint prompt on this scenario (e.g. 448x448:24/6)")
+    parser.add_argument("--pad-vs-group", action="store_true", help="also time a torch CPU step with runs of "
+                        "different lengths padded into one call against grouped (needs a preset or checkpoint)")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
     report = run(args)
