@@ -425,3 +425,20 @@ def test_a_ray_actor_decodes_its_call_together(tiny_bundle: Path, tmp_path: Path
     expected = [json.loads(json.dumps(image_record(single, p, request))) for p in paths]   # as a line reads back
     assert [comparable(line) for line in lines] == [comparable(line) for line in expected]
     assert [line["status"] for line in lines] == ["ok", "error", "ok", "ok"]
+
+
+def test_the_batched_benchmark_runs_its_forced_answers(tmp_path: Path) -> None:
+    """``python -P -m rexedge.bench.batched`` on the tiny preset: every setting and both category modes decode
+    the scenario's forced answer (the module raises otherwise); the report has the issue's table."""
+    import json
+
+    from rexedge.bench.batched import main
+
+    out = tmp_path / "batched.json"
+    assert main(["--model", "tiny", "--images", "3", "--max-batch", "1", "2", "--repeats", "1", "--warmup", "0",
+                 "--categories-scenario", "448x448:6/3", "--pad-vs-group", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["max_batch"] for r in report["records"]] == [1, 2]
+    assert report["records"][1]["backend_calls"] < report["records"][0]["backend_calls"]
+    assert report["parallel_categories"]["categories"] == 3
+    assert set(report["torch_pad_vs_group"]) == {"padded_ms", "grouped_ms"}
