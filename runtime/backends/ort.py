@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
     MAX_STEP_TOKENS,
@@ -36,10 +37,10 @@ from rexedge.runtime.backends.base import (
     check_slot,
     check_token_ids,
 )
-from rexedge.runtime import manifest as schema
-from rexedge.runtime.backends.graph_session import InPlaceSession, SlotSession, open_session
+from rexedge.runtime.backends.graph_session import HeadSession, InPlaceSession, SlotSession, open_session
 from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.bundle import load_bundle
+from rexedge.runtime.decode.head import NumpyHead, Sampling
 
 if TYPE_CHECKING:
     from rexedge.runtime.request.preprocess import PreprocessedImage
@@ -105,12 +106,19 @@ class OrtBackend(HostHeadBackend):
                 self.name, lambda: SlotSession(decoder, cfg, max_batch, capacity, kv_dtype, device_type, device_id),
                 max_batch, capacity, per_token)
         self.max_batch = max_batch
+        # weight-quantized bundles: full-vocabulary head products on the int8 head graph, not the float table
+        head = bundle.head_graph
+        self._head = None if head is None else HeadSession(
+            open_session(bundle.path(head[schema.FILE]), threads, bundle.precision), cfg.hidden_size, cfg.vocab_size)
 
         self.bundle = bundle
         self.config = cfg
         self.tokenizer = bundle.load_tokenizer()
         self.embed_table = bundle.load_embed_table()
         self.max_context = max_context
+
+    def make_head(self, sampling: Sampling) -> NumpyHead:
+        return NumpyHead(self.embed_table, sampling, None if self._head is None else self._head.logits)
 
     @property
     def _length(self) -> int:
