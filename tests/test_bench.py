@@ -107,6 +107,7 @@ def test_harness_json_schema(tiny_checkpoint: Path, tokenizer: Tokenizer, tmp_pa
             else:
                 _check_stats(value)
         assert set(r["memory"]) == MEMORY_FIELDS and r["memory"]["peak_rss_bytes"] >= r["memory"]["base_rss_bytes"] > 0
+        assert r["load_s"] > 0
         for kind, step in r["steps"].items():
             assert set(step) == STEP_FIELDS and step["bytes_per_step"] > 0
             for key in ("ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token"):
