@@ -305,6 +305,29 @@ def test_full_vocabulary_steps_run_the_head_graph_and_coordinates_the_float_rows
         seen[token] = True
 
 
+def test_the_ort_backend_hands_full_vocabulary_steps_to_the_head_graph(bundles: dict,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wiring: with a head graph the full-vocabulary logits are the graph's (here replaced by known values),
+    never the float table's; a float bundle has no head graph and uses the table."""
+    from rexedge.runtime.backends import load_backend
+    from rexedge.runtime.backends.graph_session import HeadSession
+    from rexedge.runtime.decode.head import Sampling
+
+    rng = np.random.default_rng()
+    backend = load_backend("ort", bundles["int8"])
+    vocab, hidden_size = backend.embed_table.shape
+    planted = rng.standard_normal(vocab).astype(np.float32)
+    monkeypatch.setattr(HeadSession, "logits", lambda self, hidden: planted.copy())
+    head = backend.make_head(Sampling(repetition_penalty=1.0))
+    head.reset(np.array([0]))
+    assert head.choose_full(rng.standard_normal(hidden_size).astype(np.float32))[0] == int(np.argmax(planted))
+    float_backend = load_backend("ort", bundles["float"])
+    head = float_backend.make_head(Sampling(repetition_penalty=1.0))
+    head.reset(np.array([0]))
+    hidden = rng.standard_normal(hidden_size).astype(np.float32)
+    assert head.choose_full(hidden)[0] == int(np.argmax(float_backend.embed_table.astype(np.float64) @ hidden))
+
+
 @pytest.mark.parametrize("bits", ["int4", "int8"])
 def test_quantizing_a_table_by_rows_in_chunks_equals_quantizing_its_transpose(bits: str) -> None:
     from rexedge.export.onnx.nbits import NBitsWeights
