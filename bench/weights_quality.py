@@ -7,7 +7,7 @@ this measures what the quantized weights do to the numbers the head sees. One de
 
 - the float bundle (first) encodes the image, prefills, and decodes ``--steps`` greedy tokens over
   the full vocabulary of its float table: the reference hidden states and tokens;
-- every other bundle prefills the same embeddings (all bundles share the fp32 vision graph, so the
+- every other bundle prefills the same embeddings (all bundles share the fp32 vision weights, so the
   reference's image embeddings are reused instead of re-running vision) and is teacher-forced on
   the reference's tokens.
 
@@ -18,6 +18,9 @@ and whether their argmax agrees; whether the full-vocabulary argmax through the 
 
     python -P -m rexedge.bench.weights_quality --bundle float=B --bundle int8=B --bundle int4=B
         [--steps 32] [--image-size 448x448] [--threads N] [--json OUT]
+
+The reference may also be the checkpoint on the torch backend (``--bundle float=torch:CHECKPOINT``,
+float32 in memory: the 3B model's float bundle is 14 GB of disk).
 """
 
 from __future__ import annotations
@@ -66,16 +69,18 @@ def _run(backend: Any, embeds: np.ndarray, positions: np.ndarray, rope_delta: in
     return np.stack(rows), chosen, times
 
 
-def measure(bundles: dict[str, Path], steps: int, image_size: tuple[int, int], threads: int | None,
+def measure(bundles: dict[str, tuple[str, Path]], steps: int, image_size: tuple[int, int], threads: int | None,
             log: Any = print) -> dict[str, Any]:
     """The comparison of every bundle with the first (see the module docstring), as a JSON-ready dict."""
     names = list(bundles)
     reference: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        log(f"weights_quality: loading {name} ({bundles[name]})")
+        log(f"weights_quality: loading {name} ({bundles[name][0]} backend, {bundles[name][1]})")
         start = time.perf_counter()
-        backend = load_backend("ort", bundles[name], threads=threads, max_context=4096)
+        kind, path = bundles[name]
+        options = {"threads": threads} if kind == "ort" else {}
+        backend = load_backend(kind, path, max_context=4096, **options)
         load_s = time.perf_counter() - start
         if not reference:
             image = preprocess(synthetic_image(image_size), cfg=backend.config)
@@ -113,20 +118,23 @@ def measure(bundles: dict[str, Path], steps: int, image_size: tuple[int, int], t
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average_1min": round(os.getloadavg()[0], 2)},
             "request": {"task": "detection", "categories": CATEGORIES, "image_size": list(image_size),
                         "prompt_tokens": int(reference["task"].prompt_ids.shape[0]), "positions": steps},
-            "reference": names[0], "bundles": {n: str(p) for n, p in bundles.items()}, "rows": rows}
+            "reference": names[0], "bundles": {n: f"{k}:{p}" for n, (k, p) in bundles.items()}, "rows": rows}
 
 
-def _bundle_arg(text: str) -> tuple[str, Path]:
+def _bundle_arg(text: str) -> tuple[str, tuple[str, Path]]:
     name, sep, path = text.partition("=")
+    kind, colon, rest = path.partition(":")
+    kind, path = (kind, rest) if colon and kind in ("ort", "torch") else ("ort", path)
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--bundle {text!r}: expected NAME=PATH")
-    return name, Path(path)
+        raise argparse.ArgumentTypeError(f"--bundle {text!r}: expected NAME=PATH or NAME=torch:CHECKPOINT")
+    return name, (kind, Path(path))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=_bundle_arg, action="append", required=True,
-                        help="NAME=PATH; the first is the reference (the float bundle)")
+                        help="NAME=PATH (a bundle, ort backend) or NAME=torch:CHECKPOINT (the compact model in "
+                        "float32, when a float bundle does not fit on the disk); the first is the reference")
     parser.add_argument("--steps", type=int, default=32, help="positions compared (prefill + steps - 1 decode steps)")
     parser.add_argument("--image-size", default="448x448", help="WIDTHxHEIGHT of the synthetic image")
     parser.add_argument("--threads", type=int)
