@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from rexedge.bench.baseline_llama_cpp import BASELINE as LLAMA_CPP
+from rexedge.bench.baseline_llama_cpp import QUANT_FOR_WEIGHTS, LlamaCppDir, LlamaCppRunner
 from rexedge.bench.metrics import PeakRss, cpu_name, host_read_bandwidth, nominal_bandwidth, summary
 from rexedge.bench.runners import STAGES, RexedgeRunner, Run
 from rexedge.bench.scenarios import (
@@ -40,7 +42,8 @@ from rexedge.runtime.config import PRESETS, RexOmniConfig
 from rexedge.runtime.manifest import MANIFEST
 
 SCHEMA = "rexedge-bench/1"
-BASELINES = ("transformers",)
+BASELINES = ("transformers", LLAMA_CPP)
+WEIGHTS = tuple(QUANT_FOR_WEIGHTS)   # float, int8, int4: the ort bundles to run (--weights)
 CONTEXT_MARGIN = 8  # KV slots beyond the longest scenario
 THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -50,49 +53,90 @@ class ModelSource:
     label: str
     config: RexOmniConfig
     checkpoint: Path | None
-    bundle: Path | None
+    bundles: dict[str, Path]   # weights ("float", "int8", "int4") -> bundle directory, for ort
 
 
 def resolve_model(model: str, backends: Sequence[str], baseline: str | None, precision: str, workdir: Path,
-                  device: str, log: Callable[[str], None]) -> ModelSource:
-    """A preset name, a checkpoint or a bundle; writes/exports what the runners need into ``workdir``."""
+                  device: str, log: Callable[[str], None], weights: Sequence[str] = ("float",)) -> ModelSource:
+    """A preset name, a checkpoint or a bundle; writes/exports what the runners need into ``workdir``
+    (a bundle per ``weights`` format for ort; one already there from the same checkpoint is reused)."""
     path = Path(model)
     needs_checkpoint = [b for b in backends if b != "ort"] + ([baseline] if baseline else [])
+    if len(weights) > 1 or weights[0] != "float":
+        needs_checkpoint += [f"--weights {' '.join(weights)}"]
     if model in PRESETS and not path.exists():
         from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 
         dtype = "bfloat16" if model == "rex-omni-3b" and device.startswith("cuda") else "float32"
         log(f"bench: writing a random {model} checkpoint ({dtype}) to {workdir}")
         checkpoint = write_tiny_checkpoint(workdir / "checkpoint", preset=model, dtype=dtype)
-        config, bundle = RexOmniConfig.from_json(checkpoint), None
+        config = RexOmniConfig.from_json(checkpoint)
     elif (path / MANIFEST).is_file():
         if needs_checkpoint:
             raise BenchError(f"--model {model} is a bundle: {', '.join(needs_checkpoint)} need(s) a checkpoint "
                              f"directory (or a preset name)")
         from rexedge.runtime.bundle import load_bundle
 
-        return ModelSource(str(path), load_bundle(path).config, None, path)
+        return ModelSource(str(path), load_bundle(path).config, None, {"float": path})
     elif (path / "config.json").is_file():
-        checkpoint, config, bundle = path, RexOmniConfig.from_json(path), None
+        checkpoint, config = path, RexOmniConfig.from_json(path)
     else:
         raise BenchError(f"--model {model}: not a preset ({', '.join(sorted(PRESETS))}), a checkpoint directory "
                          f"(config.json) or a bundle directory (manifest.json)")
-    if "ort" in backends:
-        from rexedge.export.bundle import export_bundle
+    bundles = {w: _bundle(checkpoint, workdir, precision, w, log) for w in weights} if "ort" in backends else {}
+    return ModelSource(model, config, checkpoint, bundles)
 
-        log(f"bench: exporting {checkpoint} to an {precision} bundle")
-        bundle = export_bundle(checkpoint, workdir / "bundle", precision=precision, progress=False)
-    return ModelSource(model, config, checkpoint, bundle)
+
+def _bundle(checkpoint: Path, workdir: Path, precision: str, weights: str, log: Callable[[str], None]) -> Path:
+    """``workdir/bundle-WEIGHTS``: exported from ``checkpoint``, or reused when it already was."""
+    from rexedge.export.bundle import export_bundle
+    from rexedge.runtime import manifest as schema
+
+    out = workdir / f"bundle-{weights}"
+    precision = precision if weights == "float" else "fp32"   # quantized weights run with fp32 activations
+    if (out / MANIFEST).is_file():
+        from rexedge.runtime.bundle import load_bundle
+        from rexedge.runtime.model.checkpoint import checkpoint_digest
+
+        bundle = load_bundle(out)
+        if bundle.manifest[schema.SOURCE]["digest"] == checkpoint_digest(checkpoint) and bundle.precision == precision:
+            log(f"bench: reusing {out}")
+            return out
+        raise BenchError(f"{out} holds a bundle of another checkpoint or precision: delete it or choose another "
+                         f"--workdir")
+    log(f"bench: exporting {checkpoint} to a {precision} bundle with {weights} decoder weights")
+    return export_bundle(checkpoint, out, precision=precision, progress=False,
+                         weights=None if weights == "float" else weights)
+
+
+def ort_name(weights: str) -> str:
+    """The ort runner of a weight format: ``ort`` (float), ``ort-int8``, ``ort-int4``."""
+    return "ort" if weights == "float" else f"ort-{weights}"
+
+
+def _runner_plan(backends: Sequence[str], weights: Sequence[str], baseline: str | None) -> dict[str, str | None]:
+    """Runner name -> the baseline runner it is compared with (None: none). llama.cpp's types pair with the ort
+    bundles of about the same bytes per weight (F16 / Q8_0 / Q4_K_M with float / int8 / int4)."""
+    names = [n for b in backends for n in ([ort_name(w) for w in weights] if b == "ort" else [b])]
+    if baseline == LLAMA_CPP:
+        pairs = {ort_name(w): f"{LLAMA_CPP}-{QUANT_FOR_WEIGHTS[w]}" for w in weights}
+        return {**{n: pairs.get(n) for n in names}, **{p: None for p in pairs.values()}}
+    return {**{n: baseline for n in names}, **({baseline: None} if baseline else {})}
 
 
 def _make_runner(name: str, source: ModelSource, device: str, max_context: int, precision: str,
-                 threads: int | None) -> Any:
+                 threads: int | None, llama_cpp: LlamaCppDir | None) -> Any:
     if name == "transformers":
         from rexedge.bench.baseline_transformers import TransformersRunner
 
         return TransformersRunner(source.checkpoint, device, precision)
-    if name == "ort":
-        return RexedgeRunner("ort", source.bundle, device, max_context, {"threads": threads} if threads else {})
+    if name.startswith(LLAMA_CPP):
+        return LlamaCppRunner(llama_cpp, name.split("-", 1)[1], source.checkpoint, threads or os.cpu_count() or 1)
+    for weights, bundle in source.bundles.items():
+        if name == ort_name(weights):
+            runner = RexedgeRunner("ort", bundle, device, max_context, {"threads": threads} if threads else {})
+            runner.name = name
+            return runner
     return RexedgeRunner(name, source.checkpoint, device, max_context)
 
 
@@ -102,7 +146,7 @@ def _max_context(source: ModelSource, scenarios: Sequence[Scenario]) -> int:
     from rexedge.runtime.request.preprocess import preprocess
     from rexedge.runtime.request.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_dir(source.checkpoint or source.bundle)
+    tokenizer = Tokenizer.from_dir(source.checkpoint or source.bundles["float"])
     cfg, longest = source.config, 0
     for s in scenarios:
         image = preprocess(synthetic_image(s.image_size), cfg=cfg)   # the request as the runners build it
@@ -116,30 +160,47 @@ def _max_context(source: ModelSource, scenarios: Sequence[Scenario]) -> int:
 def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario], baseline: str | None = None,
               repeats: int = 3, warmup: int = 1, device: str = "cpu", precision: str = "fp32",
               threads: int | None = None, workdir: Path | None = None, command: str | None = None,
-              log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> dict[str, Any]:
-    """Run every runner on every scenario; return the JSON document (bench/README.md)."""
+              log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+              weights: Sequence[str] = ("float",), llama_cpp: Path | None = None) -> dict[str, Any]:
+    """Run every runner on every scenario; return the JSON document (bench/README.md).
+
+    ``weights``: the ort bundles to run (float, int8, int4: runners ``ort``, ``ort-int8``, ``ort-int4``).
+    ``baseline="llama.cpp"`` needs ``llama_cpp``, the directory bench/llama_cpp_setup.sh made, and runs its
+    type for each weight format (bench/baseline_llama_cpp.py); ``workdir`` keeps the exported bundles for reuse.
+    """
     if repeats < 1 or warmup < 0:
         raise BenchError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if not backends:
         raise BenchError("no backend to benchmark")
     if baseline is not None and baseline not in BASELINES:
         raise BenchError(f"baseline {baseline!r}: expected one of {BASELINES}")
+    if not weights or set(weights) - set(WEIGHTS) or len(set(weights)) != len(weights):
+        raise BenchError(f"weights {list(weights)}: expected distinct values among {list(WEIGHTS)}")
+    if (baseline == LLAMA_CPP) != (llama_cpp is not None):
+        raise BenchError("--baseline llama.cpp and --llama-cpp DIR go together (DIR: made by bench/llama_cpp_setup.sh)")
+    tools = None if llama_cpp is None else LlamaCppDir(Path(llama_cpp))
+    plan = _runner_plan(backends, weights, baseline)
+    if tools is not None:
+        if "ort" not in backends:
+            raise BenchError("--baseline llama.cpp pairs its types with ort bundles: add --backend ort")
+        tools.check([name.split("-", 1)[1] for name in plan if name.startswith(LLAMA_CPP)],
+                    Path(model) if (Path(model) / "config.json").is_file() else None)
     if not PeakRss.available():
         raise BenchError("peak RSS needs Linux's /proc/self/clear_refs and /proc/self/status")
     scratch = Path(tempfile.mkdtemp(prefix="rexedge-bench-")) if workdir is None else Path(workdir)
     try:
-        source = resolve_model(model, backends, baseline, precision, scratch, device, log)
+        source = resolve_model(model, backends, baseline, precision, scratch, device, log, weights)
         max_context = _max_context(source, scenarios)
         bandwidth = _bandwidth(device)
         load_start, started = os.getloadavg()[0], datetime.datetime.now().astimezone()
         base_rss = PeakRss.current()
         runners, load_rss, load_s = {}, {}, {}
-        for name in [*backends, *([baseline] if baseline else [])]:
+        for name in plan:
             gc.collect()
             before = PeakRss.current()
             log(f"bench: loading {name}")
             start = time.perf_counter()
-            runners[name] = _make_runner(name, source, device, max_context, precision, threads)
+            runners[name] = _make_runner(name, source, device, max_context, precision, threads, tools)
             load_s[name] = round(time.perf_counter() - start, 3)
             load_rss[name] = PeakRss.current() - before
             log(f"bench: loaded {name} in {load_s[name]:.1f} s")
@@ -149,11 +210,12 @@ def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario]
             runs = _measure(runners, memory, scenario, warmup, repeats, log)
             measured.append((scenario, runs, {name: m.snapshot(runs[name]) for name, m in memory.items()}))
             bandwidth = _bandwidth(device, bandwidth)
-        records = [_record(name, name == baseline, scenario, runs[name], runner, snapshots[name], bandwidth)
+        baselines = {b for b in plan.values() if b}
+        records = [_record(name, name in baselines, scenario, runs[name], runner, snapshots[name], bandwidth)
                    for scenario, runs, snapshots in measured for name, runner in runners.items()]
         for record in records:
             record["load_s"] = load_s[record["backend"]]
-        _add_speedups(records, baseline)
+        _add_speedups(records, plan)
         return {
             "schema": SCHEMA,
             "date": started.isoformat(timespec="seconds"),
@@ -166,7 +228,8 @@ def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario]
             "model": {"name": source.label, "preset": model if model in PRESETS else None, "parameters": _parameters(source.config),
                       "hidden_size": source.config.hidden_size, "layers": source.config.num_hidden_layers,
                       "vocab_size": source.config.vocab_size, "precision": precision},
-            "settings": {"backends": list(backends), "baseline": baseline, "repeats": repeats, "warmup": warmup,
+            "settings": {"backends": list(backends), "weights": list(weights), "baseline": baseline,
+                         "llama_cpp": None if tools is None else str(tools.root), "repeats": repeats, "warmup": warmup,
                          "threads": threads, "max_context": max_context,
                          "scenarios": [dict(name=s.name, image_size=list(s.image_size), num_boxes=s.num_boxes,
                                             num_categories=s.num_categories, task=s.task, decoding=s.decoding)
@@ -196,6 +259,10 @@ class Memory:
         return run
 
     def snapshot(self, runs: list[Run]) -> dict[str, int | None]:
+        child = [r.process_rss_bytes for r in runs if r.process_rss_bytes is not None]
+        if child:   # a runner of subprocesses (llama.cpp): their own peak, nothing of this process
+            return {"base_rss_bytes": None, "load_rss_bytes": None, "retained_rss_bytes": None,
+                    "peak_rss_bytes": max(child), "peak_gpu_bytes": None}
         return {"base_rss_bytes": self.base, "load_rss_bytes": self.load, "retained_rss_bytes": self.retained,
                 "peak_rss_bytes": self.base + self.load + self.peak_extra,
                 "peak_gpu_bytes": max((r.peak_gpu_bytes or 0 for r in runs), default=0) or None}
@@ -255,6 +322,9 @@ def _record(name: str, is_baseline: bool, scenario: Scenario, runs: list[Run], r
         values = [r.stages[stage] for r in runs]
         metrics[stage.replace("_s", "_ms")] = None if None in values else _ms(values)
     metrics["decode_ms_per_token"] = _ms([r.stages["decode_s"] / tokens for r in runs])
+    metrics["prompt_tokens_per_s"] = _rate([r.prompt_tokens / r.stages["prefill_s"] for r in runs])
+    for key in first.extra:   # a runner's own figures (llama-bench's), medians over the repeats like the rest
+        metrics[key] = _rate([r.extra[key] for r in runs])
     host = [r.stages["host_s"] for r in runs]
     metrics["host_ms_per_token"] = None if None in host else _ms([h / tokens for h in host])
     metrics["tokens_per_s"] = _rate([tokens / r.stages["decode_s"] for r in runs])
@@ -264,7 +334,7 @@ def _record(name: str, is_baseline: bool, scenario: Scenario, runs: list[Run], r
         "baseline": is_baseline,
         "scenario": scenario.name,
         "task": scenario.task,
-        "decoding": "generate" if name == "transformers" else scenario.decoding,
+        "decoding": {"transformers": "generate"}.get(name, "greedy" if is_baseline else scenario.decoding),
         "image_size": list(scenario.image_size),
         "prompt_tokens": first.prompt_tokens,
         "output_tokens": tokens,
@@ -313,15 +383,15 @@ def _steps(runs: list[Run], runner: Any, bandwidth_gbs: float | None) -> dict[st
     return out
 
 
-def _add_speedups(records: list[dict[str, Any]], baseline: str | None) -> None:
-    """Baseline median / this record's median, per scenario, for end-to-end, TTFT and per-token decode."""
-    if baseline is None:
-        return
-    base = {r["scenario"]: r["metrics"] for r in records if r["baseline"]}
+def _add_speedups(records: list[dict[str, Any]], plan: dict[str, str | None]) -> None:
+    """The paired baseline's median / this record's median, per scenario, for end-to-end, TTFT and per-token
+    decode; ``compared_with`` names that baseline runner."""
+    base = {(r["scenario"], r["backend"]): r["metrics"] for r in records if r["baseline"]}
     for r in records:
-        if r["baseline"]:
+        r["compared_with"] = plan[r["backend"]]
+        if r["compared_with"] is None:
             continue
-        b, m = base[r["scenario"]], r["metrics"]
+        b, m = base[r["scenario"], r["compared_with"]], r["metrics"]
         r["speedup_vs_baseline"] = {
             key: round(b[metric]["median"] / m[metric]["median"], 3)
             for key, metric in (("end_to_end", "end_to_end_ms"), ("ttft", "ttft_ms"),
@@ -337,6 +407,7 @@ def bench_command(args: argparse.Namespace) -> None:
     scenarios = [parse_scenario(s) for s in (args.scenario or DEFAULT_SCENARIOS)]
     result = run_bench(args.model, args.backend, scenarios, baseline=args.baseline, repeats=args.repeats,
                        warmup=args.warmup, device=args.device, precision=args.precision, threads=args.threads,
+                       workdir=args.workdir, weights=args.weights, llama_cpp=args.llama_cpp,
                        command=" ".join(["rexedge", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else None)
     print(table(result))
     if args.json:

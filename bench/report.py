@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rexedge.bench.baseline_llama_cpp import LLAMA_BENCH_PP, LLAMA_BENCH_TG
+
 STAGE_COLUMNS = (("preprocess_ms", "preproc"), ("vision_ms", "vision"), ("prefill_ms", "prefill"),
                  ("ttft_ms", "TTFT"), ("decode_ms_per_token", "ms/tok"), ("host_ms_per_token", "host/tok"),
                  ("end_to_end_ms", "e2e ms"))
@@ -17,15 +19,17 @@ def _median(metric: dict[str, Any] | None) -> str:
 def table(result: dict[str, Any]) -> str:
     """One line per record: medians (ms) per stage, rates, speedups, peak RSS; then the step kinds
     (steps, the tokens they appended and how many of those were forced)."""
-    header = ["scenario", "backend", "tokens", *(label for _, label in STAGE_COLUMNS), "tok/s", "box/s",
-              "x e2e", "x tok", "RSS MB", "load s"]
+    header = ["scenario", "backend", "tokens", *(label for _, label in STAGE_COLUMNS), "prompt t/s", "tok/s", "box/s",
+              "vs", "x e2e", "x TTFT", "x tok", "RSS MB", "load s"]
     rows = []
     for r in result["records"]:
         m, speedup = r["metrics"], r["speedup_vs_baseline"]
         rows.append([r["scenario"], r["backend"], str(r["output_tokens"]),
-                     *(_median(m[key]) for key, _ in STAGE_COLUMNS),
+                     *(_median(m[key]) for key, _ in STAGE_COLUMNS), _median(m.get("prompt_tokens_per_s")),
                      f"{m['tokens_per_s']['median']:.1f}", f"{m['boxes_per_s']['median']:.2f}",
+                     r.get("compared_with") or "-",
                      "-" if speedup is None else f"{speedup['end_to_end']:.2f}",
+                     "-" if speedup is None else f"{speedup['ttft']:.2f}",
                      "-" if speedup is None else f"{speedup['decode_per_token']:.2f}",
                      f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}", f"{r['load_s']:.1f}"])
     lines = [_format(header, rows)]
@@ -43,6 +47,12 @@ def table(result: dict[str, Any]) -> str:
     machine = result["machine"]
     bandwidth = "unknown" if machine["bandwidth_gbs"] is None else f"{machine['bandwidth_gbs']} GB/s ({machine['bandwidth_source']})"
     lines += ["", f"decode steps by kind (medians over repeats; floor at {bandwidth})", _format(step_header, step_rows)]
+    own = [r for r in result["records"] if LLAMA_BENCH_TG in r["metrics"]]
+    if own:
+        lines += ["", "llama-bench (-p prompt tokens, -n answer tokens, same threads; medians over repeats)",
+                  _format(["scenario", "backend", "pp tokens/s", "tg ms/token"],
+                          [[r["scenario"], r["backend"], _median(r["metrics"][LLAMA_BENCH_PP]),
+                            _median(r["metrics"][LLAMA_BENCH_TG])] for r in own])]
     return "\n".join(lines)
 
 
@@ -65,7 +75,7 @@ def plot(result: dict[str, Any], out: str | Path) -> Path:
     bottom = [0.0] * len(records)
     for key, name in (("preprocess_ms", "preprocess"), ("vision_ms", "vision"), ("prefill_ms", "prefill"),
                       ("decode_ms", "decode")):
-        heights = [r["metrics"][key]["median"] for r in records]
+        heights = [(r["metrics"][key] or {"median": 0.0})["median"] for r in records]   # llama.cpp: no preprocess
         stages_ax.bar(labels, heights, bottom=bottom, label=name)
         bottom = [b + h for b, h in zip(bottom, heights)]
     stages_ax.set_ylabel("ms (median)")

@@ -28,7 +28,8 @@ STAGES = ("preprocess_s", "vision_s", "prefill_s", "ttft_s", "decode_s", "host_s
 
 @dataclass
 class Run:
-    """Seconds per stage of one inference (``host_s``: decode time outside the backend, None if unknown)."""
+    """Seconds per stage of one inference (``host_s``: decode time outside the backend, None if unknown;
+    a stage a runner cannot see, None)."""
 
     stages: dict[str, float | None]
     output_tokens: int
@@ -36,6 +37,8 @@ class Run:
     prompt_tokens: int
     steps: list[StepRecord] = field(default_factory=list)
     peak_gpu_bytes: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)   # a runner's own figures (llama-bench's), as measured
+    process_rss_bytes: int | None = None                     # peak RSS of the subprocess that ran it, if any
 
 
 class RexedgeRunner:

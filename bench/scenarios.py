@@ -69,6 +69,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     # 1440x810 resizes to 1428x812: 1,479 image tokens (docs/model.md)
     Scenario("det-1428x812", (1428, 812), 60, 6),
     Scenario("point-448", (448, 448), 20, 4, task="pointing"),
+    # the real size on a CPU (issue 18): a short structured detection answer (31 tokens), so that a 3B model's
+    # rounds against llama.cpp fit a shared 2-core machine; -exact: every token over the full vocabulary
+    Scenario("rex-omni-3b", (448, 448), 4, 2),
+    Scenario("rex-omni-3b-exact", (448, 448), 4, 2, decoding="exact"),
 )}
 DEFAULT_SCENARIOS = ("det-448", "det-448-exact", "det-896", "det-1428x812", "point-448")
 

@@ -355,9 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="preset name (random weights made on the fly: tiny, cpu-bench, "
                    "rex-omni-3b), checkpoint directory, or bundle directory (ort only)")
     p.add_argument("--backend", nargs="+", default=["ort"], help="rexedge backends to run (default: ort)")
-    p.add_argument("--baseline", choices=["transformers"], help="also run the baseline; records get speedup_vs_baseline")
+    p.add_argument("--baseline", choices=["transformers", "llama.cpp"],
+                   help="also run the baseline; records get speedup_vs_baseline (llama.cpp: needs --llama-cpp)")
+    p.add_argument("--weights", nargs="+", choices=["float", "int8", "int4"], default=["float"],
+                   help="ort bundles to run: float (runner ort), int8, int4 (ort-int8, ort-int4); default: float")
+    p.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp tools and GGUF files made by "
+                   "`bash bench/llama_cpp_setup.sh CHECKPOINT DIR` (bench-only)")
+    p.add_argument("--workdir", metavar="DIR", help="keep exported bundles here and reuse them (default: a "
+                   "temporary directory)")
     p.add_argument("--scenario", nargs="+", help="named scenarios (det-448, det-448-exact, det-896, det-1428x812, "
-                   "point-448) or WxH:N/K[:task][:exact] (N boxes over K categories); default: every named one")
+                   "point-448, rex-omni-3b, rex-omni-3b-exact) or WxH:N/K[:task][:exact] (N boxes over K "
+                   "categories); default: the first five")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per backend and scenario (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before them (default: 1)")
     p.add_argument("--device", default="cpu")
