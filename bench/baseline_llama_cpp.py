@@ -10,11 +10,12 @@ Each run of a scenario is two commands, both with ``-t`` threads:
 
 - ``llama-mtmd-cli``: the scenario's image (written as PNG) and task prompt in Rex-Omni's chat template
   (ChatML with the "You are a helpful assistant" system prompt), greedy with repetition penalty 1.05,
-  ``--ignore-eos`` and ``-n`` = the forced answer's length, so it decodes as many tokens as rexedge. Its log
-  gives the stages: the image encoded by the vision projector (vision), the prompt with its image tokens
-  (prefill: llama.cpp's "prompt eval"), and the per-token decode ("eval"). Model loading is not counted
-  (rexedge's runners are loaded once too); end to end is the sum of the three, which leaves out
-  llama.cpp's image file decoding and sampling of the last token (a few ms), in its favour.
+  ``--ignore-eos`` and ``-n`` = the forced answer's length, so it decodes as many tokens as rexedge. From its
+  log (``-lv 4 --log-timestamps``): end to end = the request after both models are loaded (image file
+  decoding, prompt, vision, prefill, decode), vision = the projector's image encode, decode = llama_perf's
+  single-token decode calls ("eval"), prefill = the rest (the prompt's text and image tokens through the
+  decoder, sampling), TTFT = end to end - decode. Model loading is not counted (rexedge's runners are
+  loaded once too).
 - ``llama-bench -p P -n N -r 1 -o json``: prompt tokens/s and decode ms/token as llama.cpp measures them
   (P = the prompt's length, N = the answer's), the figures llama.cpp users quote.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -82,7 +84,8 @@ class LlamaCppDir:
             source = json.loads((self.root / SOURCE_FILE).read_text(encoding="utf-8"))
             config = (checkpoint / "config.json").read_text(encoding="utf-8")
             if source.get("config_json") != json.loads(config):
-                raise BenchError(f"--llama-cpp {self.root}: its GGUF files were converted from {source.get('checkpoint')}, "
+                raise BenchError(f"--llama-cpp {self.root}: its GGUF files were converted from "
+                                 f"{source.get('checkpoint')}, "
                                  f"whose config.json differs from {checkpoint / 'config.json'}")
 
 
@@ -98,8 +101,9 @@ def mtmd_command(tools: LlamaCppDir, quant: str, image: Path, prompt: str, new_t
     """``llama-mtmd-cli``: one request, greedy with the reference's repetition penalty, exactly ``new_tokens``."""
     return [str(tools.mtmd), "-m", str(tools.gguf(quant)), "--mmproj", str(tools.mmproj), "--image", str(image),
             "-p", prompt, "-sys", DEFAULT_SYSTEM_PROMPT, "--chat-template", "chatml", "-n", str(new_tokens),
-            "--ignore-eos", "--temp", "0", "--repeat-penalty", str(REPETITION_PENALTY), "--repeat-last-n", "-1",
-            "-t", str(threads), "-c", str(context), "--no-warmup"]
+            "--ignore-eos", "--temp", "0", "--repeat-penalty", str(REPETITION_PENALTY), "--repeat-last-n", str(context),
+            "-t", str(threads), "-c", str(context), "--no-warmup",
+            "-lv", "4", "--log-timestamps"]   # its timers are info lines of its libraries: verbosity 4
 
 
 def parse_llama_bench(text: str) -> dict[str, float]:
@@ -120,34 +124,54 @@ def parse_llama_bench(text: str) -> dict[str, float]:
     return out
 
 
-_MTMD_LINES = {  # key: the text just before the figure
-    "image_encode_ms": "image slice encoded in ",
-    "load_ms": "load time = ",
-    "prompt_eval": "prompt eval time = ",
-    "eval": "eval time = ",
+_STAMP = re.compile(r"^(\d+)\.(\d{2})\.(\d{3})\.(\d{3}) ")   # --log-timestamps: minutes.seconds.ms.us
+_FIGURES = {   # key: the figure's pattern in its line
+    "image_encode_ms": re.compile(r"mtmd batch encoding done in ([\d.]+) ms"),
+    "image_decode_ms": re.compile(r"image decoded \(batch 1/1\) in ([\d.]+) ms"),
+    "prompt_eval": re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens"),
+    "eval": re.compile(r"[^t] eval time =\s*([\d.]+) ms /\s*(\d+) runs"),
 }
+_REQUEST_START, _REQUEST_END = "main: loading model:", "llama_perf_context_print:"
+
+
+def _stamp_ms(line: str) -> float | None:
+    match = _STAMP.match(line)
+    if match is None:
+        return None
+    minutes, seconds, ms, us = (int(v) for v in match.groups())
+    return (minutes * 60 + seconds) * 1e3 + ms + us / 1e3
 
 
 def parse_mtmd_log(text: str) -> dict[str, float]:
-    """The stages of one ``llama-mtmd-cli`` request from its log (llama.cpp's own timers).
+    """The stages of one ``llama-mtmd-cli`` request from its log (``-lv 4 --log-timestamps``).
 
-    ``image_encode_ms`` (vision projector), ``prompt_ms`` / ``prompt_tokens`` (llama_perf's "prompt eval":
-    the prompt's text and image tokens), ``eval_ms`` / ``eval_runs`` (one decode call per generated token).
+    ``request_ms``: from the models loaded ("main: loading model", printed once both are) to llama.cpp's perf
+    print after the last token; ``image_encode_ms``: the vision projector's encode; ``image_decode_ms``: the
+    image tokens through the decoder; ``eval_ms`` / ``eval_runs``: llama_perf's single-token decode calls;
+    ``prompt_eval_tokens``: the tokens it counts as prompt (the prompt, plus the first generated token's decode).
+    llama_perf's "prompt eval time" is not used: its clock also runs through the image encode.
     """
     out: dict[str, float] = {}
     for line in text.splitlines():
-        for key, marker in _MTMD_LINES.items():
-            at = line.find(marker)
-            if at < 0 or (key == "eval" and "prompt eval" in line):
+        stamp = _stamp_ms(line)
+        if _REQUEST_START in line and stamp is not None:
+            out["start"] = stamp
+        if _REQUEST_END in line and stamp is not None and "end" not in out:
+            out["end"] = stamp
+        for key, pattern in _FIGURES.items():
+            match = pattern.search(line)
+            if match is None:
                 continue
-            numbers = line[at + len(marker):].replace("/", " ").split()
-            if key in ("prompt_eval", "eval"):
-                prefix = "prompt" if key == "prompt_eval" else "eval"
-                out[f"{prefix}_ms"] = float(numbers[0])
-                out[f"{prefix}_{'tokens' if key == 'prompt_eval' else 'runs'}"] = int(numbers[2])
+            if key == "prompt_eval":
+                out["prompt_eval_tokens"] = int(match.group(2))
+            elif key == "eval":
+                out["eval_ms"], out["eval_runs"] = float(match.group(1)), int(match.group(2))
             else:
-                out[key] = float(numbers[0])
-    missing = {"image_encode_ms", "prompt_ms", "prompt_tokens", "eval_ms", "eval_runs"} - set(out)
+                out[key] = float(match.group(1))
+    if "start" in out and "end" in out:
+        out["request_ms"] = out.pop("end") - out.pop("start")
+    needed = {"request_ms", "image_encode_ms", "image_decode_ms", "prompt_eval_tokens", "eval_ms", "eval_runs"}
+    missing = needed - set(out)
     if missing:
         raise BenchError(f"llama-mtmd-cli's log lacks {sorted(missing)} (did it fail?); its end: {text[-400:]!r}")
     return out
@@ -185,23 +209,24 @@ class LlamaCppRunner:
 
     def run(self, scenario: Scenario, image: np.ndarray) -> Run:
         new_tokens = len(forced_response(scenario, self.tokenizer))
-        prompt = build_task_prompt(scenario.task, scenario.categories, None, None, scenario.image_size)
+        prompt = build_task_prompt(scenario.task, scenario.categories, None, None, scenario.image_size).text
         context = 4096
         start = time.perf_counter()
         _, log, mtmd_rss = run_tool(mtmd_command(self.tools, self.quant, self._image_file(scenario, image), prompt,
                                                  new_tokens, self.threads, context))
         wall = time.perf_counter() - start
         stages = parse_mtmd_log(log)
-        if stages["eval_runs"] != new_tokens:
-            raise BenchError(f"llama-mtmd-cli decoded {stages['eval_runs']} tokens, {new_tokens} were asked")
-        stdout, _, bench_rss = run_tool(bench_command(self.tools, self.quant, int(stages["prompt_tokens"]), new_tokens,
-                                                      self.threads))
+        # llama_perf counts the first generated token's decode as prompt: the prompt is the rest
+        prompt_tokens = int(stages["prompt_eval_tokens"] - (new_tokens - stages["eval_runs"]))
+        stdout, _, bench_rss = run_tool(bench_command(self.tools, self.quant, prompt_tokens, new_tokens, self.threads))
         measured = parse_llama_bench(stdout)
-        vision, prefill, decode = (stages[k] / 1e3 for k in ("image_encode_ms", "prompt_ms", "eval_ms"))
+        request, vision, decode = (stages[k] / 1e3 for k in ("request_ms", "image_encode_ms", "eval_ms"))
         return Run(
-            stages={"preprocess_s": None, "vision_s": vision, "prefill_s": prefill, "ttft_s": vision + prefill,
-                    "decode_s": decode, "host_s": None, "end_to_end_s": vision + prefill + decode},
-            output_tokens=new_tokens, boxes=scenario.num_boxes, prompt_tokens=int(stages["prompt_tokens"]),
+            # prefill: everything of the request but the image encode and the token-by-token decode (text chunks,
+            # image tokens, sampling); end to end: the request after loading
+            stages={"preprocess_s": None, "vision_s": vision, "prefill_s": request - vision - decode,
+                    "ttft_s": request - decode, "decode_s": decode, "host_s": None, "end_to_end_s": request},
+            output_tokens=new_tokens, boxes=scenario.num_boxes, prompt_tokens=prompt_tokens,
             extra={LLAMA_BENCH_PP: measured["pp_tokens_per_s"], LLAMA_BENCH_TG: measured["tg_ms_per_token"],
-                   "process_wall_s": wall, "load_s": stages.get("load_ms", 0.0) / 1e3},
+                   "image_decode_ms": stages["image_decode_ms"], "process_wall_s": wall},
             process_rss_bytes=max(mtmd_rss, bench_rss))

@@ -43,8 +43,12 @@ if [ ! -f "$LLAMA/CMakeLists.txt" ]; then
 fi
 
 TOOLS=(llama-bench llama-mtmd-cli llama-quantize)
+GENERATOR=()
+if command -v ninja > /dev/null; then
+    GENERATOR=(-G Ninja)
+fi
 build() {
-    cmake -S "$LLAMA" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+    cmake -S "$LLAMA" -B "$OUT/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
         -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
     cmake --build "$OUT/build" -j "$JOBS" --target "${TOOLS[@]}"
@@ -60,7 +64,7 @@ convert() {  # OUTFILE, then the converter's arguments
     if [ ! -f "$outfile" ]; then
         echo "llama_cpp_setup: converting to $outfile"
         PYTHONPATH="$OUT/pydeps" "$PY" -P -m rexedge.bench.llama_cpp_convert "$CKPT" --llama-cpp "$LLAMA" -- \
-            "$@" --outtype f16 --outfile "$outfile.part"
+            "$@" --outtype f16 --model-name "$(basename "$CKPT")" --outfile "$outfile.part"
         mv "$outfile.part" "$outfile"
     fi
 }
@@ -85,4 +89,4 @@ checkpoint, out = sys.argv[1:]
 with open(f"{checkpoint}/config.json", encoding="utf-8") as f:
     json.dump({"checkpoint": checkpoint, "config_json": json.load(f)}, open(out, "w", encoding="utf-8"), indent=1)
 EOF
-echo "llama_cpp_setup: done: $OUT/build/bin/{${TOOLS[*]// /,}}, $GGUF"
+echo "llama_cpp_setup: done: ${TOOLS[*]} in $OUT/build/bin, the GGUF files in $GGUF"

@@ -19,7 +19,7 @@ from rexedge.runtime.results.parse import parse_prediction
 
 STATS = {"median", "p90", "n"}
 STAGE_METRICS = {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "host_ms", "end_to_end_ms",
-                 "decode_ms_per_token", "host_ms_per_token", "tokens_per_s", "boxes_per_s"}
+                 "decode_ms_per_token", "host_ms_per_token", "prompt_tokens_per_s", "tokens_per_s", "boxes_per_s"}
 STEP_FIELDS = {"steps", "tokens", "forced_tokens", "ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token",
                "bytes_per_step", "floor_ms_per_step", "bandwidth_pct"}
 MEMORY_FIELDS = {"base_rss_bytes", "load_rss_bytes", "retained_rss_bytes", "peak_rss_bytes", "peak_gpu_bytes"}
@@ -114,10 +114,14 @@ def test_harness_json_schema(tiny_checkpoint: Path, tokenizer: Tokenizer, tmp_pa
                 _check_stats(step[key])
         # every token but the last is appended by some step
         assert sum(step["tokens"] for step in r["steps"].values()) == len(script) - 1
+        assert r["metrics"]["prompt_tokens_per_s"]["median"] == pytest.approx(
+            r["prompt_tokens"] / r["metrics"]["prefill_ms"]["median"] * 1e3, rel=1e-3)   # one repeat: its own ratio
         if backend == "transformers":
             assert r["baseline"] and r["speedup_vs_baseline"] is None and set(r["steps"]) == {"full"}
+            assert r["compared_with"] is None
             continue
         assert not r["baseline"] and set(r["speedup_vs_baseline"]) == {"end_to_end", "ttft", "decode_per_token"}
+        assert r["compared_with"] == "transformers"
         assert all(v > 0 for v in r["speedup_vs_baseline"].values())
         if scenario.decoding == "exact":
             assert set(r["steps"]) == {"free"}  # every token over the full vocabulary, one per step
