@@ -14,8 +14,8 @@
 #    package, sentencepiece, goes to OUT/pydeps, not into the venv;
 # 4. llama-quantize makes OUT/gguf/model-Q8_0.gguf and model-Q4_K_M.gguf from the F16 file;
 # 5. OUT/source.json names the checkpoint (rexedge bench checks that --model is the same one).
-# Each step is skipped when its output exists, so a rerun resumes. On a 2-core machine the build takes
-# ~30-60 min, the conversion ~2 min; disk: ~1.2 GB of source and build, ~12 GB of GGUF for a 3B model.
+# Each step is skipped when its output exists, so a rerun resumes. On the shared 2-core machine: build ~27 min,
+# conversion ~3 min, quantization ~10 min; disk: ~0.4 GB of source and build, ~13 GB of GGUF for a 3B model.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
