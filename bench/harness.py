@@ -45,7 +45,8 @@ SCHEMA = "rexedge-bench/1"
 BASELINES = ("transformers", LLAMA_CPP)
 WEIGHTS = tuple(QUANT_FOR_WEIGHTS)   # float, int8, int4: the ort bundles to run (--weights)
 CONTEXT_MARGIN = 8  # KV slots beyond the longest scenario
-THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# OMP_WAIT_POLICY: llama.cpp's OpenMP workers busy-wait unless PASSIVE (bench/README.md, the llama.cpp baseline)
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 @dataclass
