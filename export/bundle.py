@@ -9,10 +9,15 @@ linear weights transposed to [in, out] for MatMul. Only then are the two graphs 
 memory. Everything is written into ``BUNDLE.partial`` and renamed at the end: a failed
 export never leaves something that looks like a bundle. The layout and manifest are
 described in :mod:`rexedge.runtime.bundle`.
+
+An AutoAWQ checkpoint (:mod:`rexedge.runtime.model.awq`) exports to an int4 bundle: the decoder's
+AWQ layers keep their integers, zero points and scales, repacked for the graph
+(:meth:`rexedge.export.onnx.nbits.NBitsWeights.repack`), never re-quantized.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -32,6 +37,7 @@ from rexedge.runtime.backends.base import DEFAULT_MAX_CONTEXT
 from rexedge.runtime.bundle import seal_manifest, staged_bundle
 from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.model.awq import AwqSettings, AwqWeight
 from rexedge.runtime.model.checkpoint import EMBED, expected_tensor_shapes, iter_checkpoint_tensors, open_checkpoint
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS
 from rexedge.runtime.request.tokenizer import Tokenizer
@@ -117,6 +123,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     linear weights as MatMulNBits (ort flavour, fp32 activations; see
     :mod:`rexedge.export.onnx.nbits`), None keeps them in the precision; ``nbits_options``
     overrides :class:`~rexedge.export.onnx.nbits.NBitsWeights`' block settings (tests, measurements).
+    An AWQ checkpoint gives int4 weights whatever ``weights`` is None or "int4": its own (module docstring).
     """
     import torch
     from tqdm import tqdm
@@ -125,17 +132,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         raise ExportError(f"precision {precision!r}: expected one of {list(schema.PRECISIONS)}")
     if flavour not in FLAVOURS:
         raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
-    nbits = None
-    if weights is not None:
-        if weights not in schema.WEIGHT_FORMATS:
-            raise ExportError(f"weights {weights!r}: expected one of {list(schema.WEIGHT_FORMATS)} (or none: float)")
-        if flavour != "ort" or precision != "fp32":
-            raise ExportError(f"weights {weights!r} is for the ort flavour with fp32 activations, not flavour "
-                              f"{flavour!r} with {precision!r}")
-        nbits = NBitsWeights(weights, **(nbits_options or {}))
+    if weights is not None and weights not in schema.WEIGHT_FORMATS:
+        raise ExportError(f"weights {weights!r}: expected one of {list(schema.WEIGHT_FORMATS)} (or none: float)")
     checkpoint, out = Path(checkpoint), Path(out)
     opened = open_checkpoint(checkpoint)
     cfg = opened.config
+    nbits = _weight_format(weights, precision, flavour, nbits_options, opened.awq, checkpoint)
     if not cfg.tie_word_embeddings:
         raise ExportError(f"{checkpoint / 'config.json'}: tie_word_embeddings is false; bundles hold one table for "
                           f"the input embedding and the head, so only tied checkpoints can be exported")
@@ -147,8 +149,15 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         decoder_data = ExternalData(staging / (schema.DECODER_FILE + schema.DATA_SUFFIX))
         total = len(expected_tensor_shapes(cfg))
         with tqdm(total=total, desc="export: weights", unit="tensor", disable=not progress) as bar:
-            for name, tensor, file in iter_checkpoint_tensors(checkpoint, dtype=torch.float32):
+            for name, tensor, file in iter_checkpoint_tensors(checkpoint, dtype=torch.float32, awq_packed=True):
                 bar.update()
+                if isinstance(tensor, AwqWeight):
+                    if nbits is not None and nbits.applies_to(name):
+                        q, zeros = tensor.unpack()
+                        for part, packed in nbits.repack(name, q.numpy(), zeros.numpy(), tensor.scales.numpy()).items():
+                            decoder_data.add(part, packed)
+                        continue
+                    tensor = tensor.dequantize(torch.float32)   # an AWQ layer outside the decoder's linear layers
                 array = tensor.numpy()
                 if name == EMBED:
                     np.save(staging / schema.HEAD_FILE, array)
@@ -204,10 +213,34 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     return out
 
 
+def _weight_format(weights: str | None, precision: str, flavour: str, options: Mapping[str, Any] | None,
+                   awq: AwqSettings | None, checkpoint: Path) -> NBitsWeights | None:
+    """The decoder's quantized-weight format, or None for float weights; refuses what cannot be exported."""
+    options = dict(options or {})
+    if awq is not None:
+        if weights not in (None, "int4"):
+            raise ExportError(f"{checkpoint} is an AWQ 4-bit checkpoint: its bundle keeps those int4 weights; "
+                              f"weights {weights!r} would re-quantize them (export it without --weights)")
+        fixed = {"block_size": awq.group_size, "symmetric": False}
+        clash = {k: v for k, v in options.items() if k in fixed and v != fixed[k]}
+        if clash:
+            raise ExportError(f"{checkpoint} is an AWQ checkpoint with group_size {awq.group_size} and zero points; "
+                              f"{clash} would not be its weights")
+        weights = "int4"
+        options.update(fixed, origin="awq")
+    if weights is None:
+        return None
+    if flavour != "ort" or precision != "fp32":
+        raise ExportError(f"weights {weights!r} is for the ort flavour with fp32 activations, not flavour "
+                          f"{flavour!r} with {precision!r}")
+    return NBitsWeights(weights, **options)
+
+
 def export_command(args: Any) -> None:
     """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--weights int4|int8] [--quiet]``."""
     path = export_bundle(args.checkpoint, args.out, precision=args.dtype, flavour=args.flavour,
                          progress=not args.quiet, weights=args.weights)
     size = sum(p.stat().st_size for p in path.iterdir())
-    quantized = f", {args.weights} decoder weights" if args.weights else ""
+    entry = json.loads((path / schema.MANIFEST).read_text())[schema.GRAPHS][schema.DECODER].get(schema.WEIGHTS)
+    quantized = f", {entry['format']} decoder weights ({entry['origin']})" if entry else ""
     print(f"wrote a {args.dtype} bundle ({args.flavour} decoder{quantized}, {size / 2**20:.1f} MiB) to {path}")

@@ -16,6 +16,12 @@ The settings, chosen by measurement on this project's CPU (bench/RESULTS.md, 202
 - ``accuracy_level`` 4: the activations are quantized to int8 per block inside the kernel
   and multiplied in integers, several times faster than the float path at batch 1; the
   error it adds is of the order of the weights' own quantization error.
+
+An AWQ checkpoint's integers, zero points and scales are repacked into the same layout
+(:meth:`NBitsWeights.repack`, ``origin`` "awq"), not re-quantized: ONNX Runtime offers no
+routine that packs given integers, so the bytes are laid out here, by the operator's
+documented layout above (checked in tests against that documentation and against ONNX
+Runtime running the node).
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ _LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up
 
 _QUANTIZERS = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}
 
+# who chose the integers: ONNX Runtime's block quantizer at export, or the checkpoint (AutoAWQ)
+ORIGINS = ("onnxruntime", "awq")
+
 # initializer names beside the weight's published name
 _PACKED, _SCALES, _ZERO_POINTS = ".nbits", ".scales", ".zero_points"
 
@@ -55,11 +64,14 @@ class NBitsWeights:
     block_size: int = BLOCK_SIZE
     symmetric: bool = SYMMETRIC
     accuracy_level: int = ACCURACY_LEVEL
+    origin: str = "onnxruntime"
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.weights not in BITS:
             raise ValueError(f"weights {self.weights!r}: expected one of {sorted(BITS)}")
+        if self.origin not in ORIGINS:
+            raise ValueError(f"origin {self.origin!r}: expected one of {ORIGINS}")
 
     @property
     def bits(self) -> int:
@@ -79,8 +91,28 @@ class NBitsWeights:
         zero_points = np.zeros((n, -(-blocks * self.bits // 8)), np.uint8)
         _QUANTIZERS[self.bits](packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points,
                                self.block_size, n, k, self.symmetric)
+        return self._store(name, k, n, packed, scales, zero_points)
+
+    def repack(self, name: str, q: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
+        """Integers already chosen (an AWQ layer) -> the initializers of its MatMulNBits node, by name.
+
+        ``q`` uint8 [K, N] of values 0..2^bits-1, ``zeros`` uint8 [K/block, N] (one per block of
+        ``block_size`` input rows and output column), ``scales`` [K/block, N]; the weight they
+        stand for is (q - zero) * scale, exactly as the node computes it."""
+        k, n = q.shape
+        blocks = zeros.shape[0]
+        if self.symmetric or k != blocks * self.block_size or zeros.shape != scales.shape or zeros.shape[1] != n:
+            raise ValueError(f"{name}: integers [{k}, {n}] with zero points {list(zeros.shape)} and scales "
+                             f"{list(scales.shape)} do not fit asymmetric blocks of {self.block_size}")
+        packed = _pack_along_last(np.ascontiguousarray(q.T).reshape(n, blocks, self.block_size), self.bits)
+        zero_points = _pack_along_last(np.ascontiguousarray(zeros.T), self.bits)
+        return self._store(name, k, n, packed, scales.T.astype(np.float32), zero_points)
+
+    def _store(self, name: str, k: int, n: int, packed: np.ndarray, scales: np.ndarray,
+               zero_points: np.ndarray) -> dict[str, np.ndarray]:
+        """Record [K, N] of ``name`` and name its initializers: B [N, blocks, bytes], scales [N * blocks], zero points."""
         self.shapes[name] = (k, n)
-        arrays = {name + _PACKED: packed, name + _SCALES: scales.reshape(-1)}
+        arrays = {name + _PACKED: packed, name + _SCALES: np.ascontiguousarray(scales).reshape(-1)}
         if not self.symmetric:
             arrays[name + _ZERO_POINTS] = zero_points.reshape(-1)
         return arrays
@@ -98,4 +130,15 @@ class NBitsWeights:
         """What the manifest records of this graph's weights (see :func:`rexedge.runtime.manifest.weights_entry`)."""
         return schema.weights_entry(self.weights, op="MatMulNBits", bits=self.bits, block_size=self.block_size,
                                     symmetric=self.symmetric, accuracy_level=self.accuracy_level,
-                                    quantized=sorted(self.shapes))
+                                    quantized=sorted(self.shapes), origin=self.origin)
+
+
+def _pack_along_last(values: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 values of ``bits`` bits -> bytes along the last axis, the first value in the low bits (a byte
+    per value for 8 bits; for 4 bits two per byte, an odd count padded with a zero nibble)."""
+    values = values.astype(np.uint8)
+    if bits == 8:
+        return values
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
