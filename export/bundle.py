@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from rexedge.export.onnx.blocked_dq import BlockedDQWeights
 from rexedge.export.onnx.decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRESENT, TOKENS, build_decoder_graph
 from rexedge.export.onnx.graph import ExternalData
 from rexedge.export.onnx.nbits import NBitsWeights
@@ -120,8 +121,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     norms, softmax and the head table stay float32). ``flavour`` selects how the graphs
     express attention and the KV cache (see :mod:`rexedge.export.onnx.decoder` and
     :mod:`rexedge.export.onnx.vision`). ``weights`` "int4" or "int8" quantizes the decoder's
-    linear weights as MatMulNBits (ort flavour, fp32 activations; see
-    :mod:`rexedge.export.onnx.nbits`), None keeps them in the precision; ``nbits_options``
+    linear weights (fp32 activations) as MatMulNBits in the ort flavour (see
+    :mod:`rexedge.export.onnx.nbits`), as blocked DequantizeLinear + MatMul in the trt flavour (int4
+    only, see :mod:`rexedge.export.onnx.blocked_dq`), None keeps them in the precision; ``nbits_options``
     overrides :class:`~rexedge.export.onnx.nbits.NBitsWeights`' block settings (tests, measurements).
     An AWQ checkpoint gives int4 weights whatever ``weights`` is None or "int4": its own (module docstring).
     """
@@ -155,7 +157,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                     if nbits is not None and nbits.applies_to(name):
                         q, zeros = tensor.unpack()
                         for part, packed in nbits.repack(name, q.numpy(), zeros.numpy(), tensor.scales.numpy()).items():
-                            decoder_data.add(part, packed)
+                            decoder_data.add(part, packed, nbits.packed_as(part))
                         continue
                     tensor = tensor.dequantize(torch.float32)   # an AWQ layer outside the decoder's linear layers
                 array = tensor.numpy()
@@ -168,7 +170,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                                       f"inf); export with --dtype fp32")
                 if nbits is not None and nbits.applies_to(name):
                     for part, packed in nbits.quantize(name, stored).items():
-                        decoder_data.add(part, packed)
+                        decoder_data.add(part, packed, nbits.packed_as(part))
                     continue
                 (vision_data if name.startswith("visual.") else decoder_data).add(name, stored)
         vision_data.close()
@@ -230,10 +232,14 @@ def _weight_format(weights: str | None, precision: str, flavour: str, options: M
         options.update(fixed, origin="awq")
     if weights is None:
         return None
-    if flavour != "ort" or precision != "fp32":
-        raise ExportError(f"weights {weights!r} is for the ort flavour with fp32 activations, not flavour "
-                          f"{flavour!r} with {precision!r}")
-    return NBitsWeights(weights, **options)
+    if precision != "fp32":
+        raise ExportError(f"weights {weights!r} is for fp32 activations, not {precision!r}")
+    if flavour == "ort":
+        return NBitsWeights(weights, **options)
+    if weights != "int4":
+        raise ExportError(f"weights {weights!r} with flavour {flavour!r}: TensorRT's weight-only form (blocked "
+                          f"DequantizeLinear) takes INT4 blocks only; use --weights int4 or the ort flavour")
+    return BlockedDQWeights(weights, **options)
 
 
 def export_command(args: Any) -> None:

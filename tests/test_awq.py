@@ -20,8 +20,10 @@ from awq_reference import CONFIG, reference_weights, write_awq_checkpoint
 from safetensors.torch import save_file
 from test_api import random_image
 from test_nbits import _dequantize, _hidden_states, _max_relative, _nbits_nodes, _random_steps
+from test_trt_weights import dq_weights, trt_hidden_states
 
 from rexedge.export.bundle import ExportError, export_bundle
+from rexedge.export.tensorrt.ops import check_graph_file
 from rexedge.runtime.api import RexOmni
 from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.model.awq import AwqWeight, QuantizationError
@@ -55,6 +57,11 @@ def exact_bundle(awq_checkpoint: Path) -> Path:
     """accuracy_level 1: MatMulNBits multiplies in float32, so the graph is the dequantized model up to rounding."""
     return export_bundle(awq_checkpoint, awq_checkpoint.with_name("bundle-exact"), progress=False,
                          nbits_options={"accuracy_level": 1})
+
+
+@pytest.fixture(scope="module")
+def trt_bundle(awq_checkpoint: Path) -> Path:
+    return export_bundle(awq_checkpoint, awq_checkpoint.with_name("bundle-trt"), flavour="trt", progress=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -121,6 +128,27 @@ def test_export_command_on_an_awq_checkpoint(awq_checkpoint: Path, dequantized_c
     model = load_model(dequantized_checkpoint, dtype=torch.float32)
     got, want = _hidden_states(model, out, _random_steps(model.config.hidden_size))
     assert (np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)).max() <= 0.1
+
+
+@pytest.mark.parametrize("optimized", [False, True], ids=["dq-kernel", "fused"])
+def test_trt_flavour_bundle_of_an_awq_checkpoint(awq_checkpoint: Path, exact_bundle: Path, trt_bundle: Path,
+                                                 optimized: bool) -> None:
+    """The trt flavour repacks the same integers into blocked DequantizeLinear; with AWQ's fp16 scales every
+    product is exact in float32, so the weights equal AutoAWQ's dequantization bit for bit."""
+    bundle = trt_bundle
+    assert check_graph_file(bundle / "decoder.onnx") == []
+    entry = load_bundle(bundle).decoder.weights
+    assert (entry["op"], entry["origin"], entry["block_size"], len(entry["quantized"])) == (
+        "DequantizeLinear", "awq", 128, LAYERS)
+    want = reference_weights(awq_checkpoint)
+    got = dq_weights(bundle)
+    assert sorted(got) == entry["quantized"]
+    for name, weight in got.items():
+        np.testing.assert_array_equal(weight, want[name].numpy(), err_msg=name)
+    steps = _random_steps(CONFIG.hidden_size)
+    reference, _ = _hidden_states(load_model(awq_checkpoint, dtype=torch.float32), exact_bundle, steps)
+    hidden = trt_hidden_states(bundle, steps, optimized)
+    assert float(np.abs(hidden - reference).max() / np.abs(reference).max()) <= 1e-4
 
 
 def _config_only(awq_checkpoint: Path, out: Path, **changes: object) -> Path:

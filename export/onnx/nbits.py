@@ -36,7 +36,7 @@ import numpy as np
 # because the quantizer's module imports onnx_ir, which we would need for nothing else
 from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
-from rexedge.export.onnx.graph import MS_DOMAIN, GraphBuilder
+from rexedge.export.onnx.graph import MS_DOMAIN, OPSET, GraphBuilder
 from rexedge.runtime import manifest as schema
 
 BITS = {"int4": 4, "int8": 8}
@@ -67,6 +67,9 @@ class NBitsWeights:
     origin: str = "onnxruntime"
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
+    op = "MatMulNBits"   # the operator the graph multiplies with (the manifest records it)
+    opset = OPSET        # the default-domain opset the graph needs
+
     def __post_init__(self) -> None:
         if self.weights not in BITS:
             raise ValueError(f"weights {self.weights!r}: expected one of {sorted(BITS)}")
@@ -91,7 +94,7 @@ class NBitsWeights:
         zero_points = np.zeros((n, -(-blocks * self.bits // 8)), np.uint8)
         _QUANTIZERS[self.bits](packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points,
                                self.block_size, n, k, self.symmetric)
-        return self._store(name, k, n, packed, scales, zero_points)
+        return self._from_nbits(name, k, n, packed, scales, zero_points)
 
     def repack(self, name: str, q: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
         """Integers already chosen (an AWQ layer) -> the initializers of its MatMulNBits node, by name.
@@ -104,18 +107,29 @@ class NBitsWeights:
         if self.symmetric or k != blocks * self.block_size or zeros.shape != scales.shape or zeros.shape[1] != n:
             raise ValueError(f"{name}: integers [{k}, {n}] with zero points {list(zeros.shape)} and scales "
                              f"{list(scales.shape)} do not fit asymmetric blocks of {self.block_size}")
+        return self._from_integers(name, q, zeros, scales.astype(np.float32))
+
+    def _from_integers(self, name: str, q: np.ndarray, zeros: np.ndarray, scales: np.ndarray
+                       ) -> dict[str, np.ndarray]:
+        """Integers [K, N], zero points and float32 scales [blocks, N] -> this form's initializers."""
+        (k, n), blocks = q.shape, zeros.shape[0]
         packed = _pack_along_last(np.ascontiguousarray(q.T).reshape(n, blocks, self.block_size), self.bits)
         zero_points = _pack_along_last(np.ascontiguousarray(zeros.T), self.bits)
-        return self._store(name, k, n, packed, scales.T.astype(np.float32), zero_points)
+        return self._from_nbits(name, k, n, packed, scales.T, zero_points)
 
-    def _store(self, name: str, k: int, n: int, packed: np.ndarray, scales: np.ndarray,
-               zero_points: np.ndarray) -> dict[str, np.ndarray]:
-        """Record [K, N] of ``name`` and name its initializers: B [N, blocks, bytes], scales [N * blocks], zero points."""
+    def _from_nbits(self, name: str, k: int, n: int, packed: np.ndarray, scales: np.ndarray,
+                    zero_points: np.ndarray) -> dict[str, np.ndarray]:
+        """MatMulNBits' arrays (B [N, blocks, bytes], scales [N, blocks], zero points [N, bytes]) -> this form's
+        initializers by name; records [K, N] of ``name``."""
         self.shapes[name] = (k, n)
         arrays = {name + _PACKED: packed, name + _SCALES: np.ascontiguousarray(scales).reshape(-1)}
         if not self.symmetric:
             arrays[name + _ZERO_POINTS] = zero_points.reshape(-1)
         return arrays
+
+    def packed_as(self, initializer: str) -> tuple[int, list[int]] | None:
+        """How ``ExternalData.add`` stores an initializer this form made (None: as its numpy dtype)."""
+        return None
 
     def matmul(self, g: GraphBuilder, x: str, name: str) -> str:
         """x @ W for a weight quantized by :meth:`quantize`."""
@@ -128,7 +142,7 @@ class NBitsWeights:
 
     def manifest_entry(self) -> dict[str, Any]:
         """What the manifest records of this graph's weights (see :func:`rexedge.runtime.manifest.weights_entry`)."""
-        return schema.weights_entry(self.weights, op="MatMulNBits", bits=self.bits, block_size=self.block_size,
+        return schema.weights_entry(self.weights, op=self.op, bits=self.bits, block_size=self.block_size,
                                     symmetric=self.symmetric, accuracy_level=self.accuracy_level,
                                     quantized=sorted(self.shapes), origin=self.origin)
 
@@ -142,3 +156,11 @@ def _pack_along_last(values: np.ndarray, bits: int) -> np.ndarray:
     if values.shape[-1] % 2:
         values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
     return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def unpack_along_last(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The inverse of :func:`_pack_along_last`: bytes -> ``count`` uint8 values along the last axis."""
+    if bits == 8:
+        return packed[..., :count]
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
+    return values[..., :count]
