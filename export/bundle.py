@@ -156,7 +156,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                 if isinstance(tensor, AwqWeight):
                     if nbits is not None and nbits.applies_to(name):
                         q, zeros = tensor.unpack()
-                        for part, packed in nbits.repack(name, q.numpy(), zeros.numpy(), tensor.scales.numpy()).items():
+                        scales = tensor.scales.float().numpy()   # fp16 in AutoAWQ files: exact in float32
+                        for part, packed in nbits.repack(name, q.numpy(), zeros.numpy(), scales).items():
                             decoder_data.add(part, packed, nbits.packed_as(part))
                         continue
                     tensor = tensor.dequantize(torch.float32)   # an AWQ layer outside the decoder's linear layers
