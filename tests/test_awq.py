@@ -23,6 +23,7 @@ from test_nbits import _dequantize, _hidden_states, _max_relative, _nbits_nodes,
 from test_trt_weights import dq_weights, trt_hidden_states
 
 from rexedge.export.bundle import ExportError, export_bundle
+from rexedge.export.onnx.nbits import NBitsWeights
 from rexedge.export.tensorrt.ops import check_graph_file
 from rexedge.runtime.api import RexOmni
 from rexedge.runtime.bundle import load_bundle
@@ -106,6 +107,26 @@ def test_bundle_keeps_the_awq_integers(awq_checkpoint: Path, exact_bundle: Path)
     assert (entry["format"], entry["origin"], entry["block_size"], entry["symmetric"]) == ("int4", "awq", 128, False)
     assert entry["quantized"] == sorted(n.input[1].removesuffix(".nbits") for n in nodes)
     assert load_bundle(exact_bundle).vision.weights is None
+
+
+@pytest.mark.parametrize("k, n", [(384, 72), (256, 40), (128, 8)])
+def test_repacking_reproduces_onnxruntime_bytes(k: int, n: int) -> None:
+    """Integers ONNX Runtime's own quantizer chose, repacked as an AWQ layer's would be: the same bytes as its
+    MatMulNBits layout (odd and even block counts: zero points padded per column)."""
+    rng = np.random.default_rng()
+    weight = rng.standard_normal((k, n)).astype(np.float32)
+    ort_arrays = NBitsWeights("int4").quantize("w", weight)
+    blocks = k // 128
+    packed = ort_arrays["w.nbits"]
+    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k).T
+    zero_bytes = ort_arrays["w.zero_points"].reshape(n, -1)
+    zeros = np.stack([zero_bytes & 0x0F, zero_bytes >> 4], axis=-1).reshape(n, -1)[:, :blocks].T
+    scales = ort_arrays["w.scales"].reshape(n, blocks).T
+    repacked = NBitsWeights("int4", origin="awq").repack("w", np.ascontiguousarray(q), np.ascontiguousarray(zeros),
+                                                         np.ascontiguousarray(scales))
+    assert repacked.keys() == ort_arrays.keys()
+    for name, array in ort_arrays.items():
+        assert repacked[name].dtype == array.dtype and np.array_equal(repacked[name], array), name
 
 
 def test_bundle_matches_the_model_on_dequantized_weights(dequantized_checkpoint: Path, exact_bundle: Path) -> None:

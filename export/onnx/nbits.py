@@ -114,7 +114,9 @@ class NBitsWeights:
         """Integers [K, N], zero points and float32 scales [blocks, N] -> this form's initializers."""
         (k, n), blocks = q.shape, zeros.shape[0]
         packed = _pack_along_last(np.ascontiguousarray(q.T).reshape(n, blocks, self.block_size), self.bits)
-        zero_points = _pack_along_last(np.ascontiguousarray(zeros.T), self.bits)
+        # an odd number of blocks leaves a nibble unused: ONNX Runtime's quantizer fills it with the
+        # operator's default zero point, and so does this, so that equal integers give equal bytes
+        zero_points = _pack_along_last(np.ascontiguousarray(zeros.T), self.bits, pad=2 ** (self.bits - 1))
         return self._from_nbits(name, k, n, packed, scales.T, zero_points)
 
     def _from_nbits(self, name: str, k: int, n: int, packed: np.ndarray, scales: np.ndarray,
@@ -147,14 +149,14 @@ class NBitsWeights:
                                     quantized=sorted(self.shapes), origin=self.origin)
 
 
-def _pack_along_last(values: np.ndarray, bits: int) -> np.ndarray:
+def _pack_along_last(values: np.ndarray, bits: int, pad: int = 0) -> np.ndarray:
     """uint8 values of ``bits`` bits -> bytes along the last axis, the first value in the low bits (a byte
-    per value for 8 bits; for 4 bits two per byte, an odd count padded with a zero nibble)."""
+    per value for 8 bits; for 4 bits two per byte, an odd count padded with a ``pad`` nibble)."""
     values = values.astype(np.uint8)
     if bits == 8:
         return values
     if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+        values = np.concatenate([values, np.full(values.shape[:-1] + (1,), pad, np.uint8)], axis=-1)
     return values[..., 0::2] | (values[..., 1::2] << 4)
 
 
