@@ -20,13 +20,21 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rexedge.bench.metrics import PeakRss, cpu_name, host_read_bandwidth, nominal_bandwidth, summary
 from rexedge.bench.runners import STAGES, RexedgeRunner, Run
-from rexedge.bench.scenarios import DEFAULT_SCENARIOS, BenchError, Scenario, forced_response, parse_scenario, synthetic_image
+from rexedge.bench.scenarios import (
+    DEFAULT_SCENARIOS,
+    BenchError,
+    Scenario,
+    forced_response,
+    parse_scenario,
+    synthetic_image,
+)
 from rexedge.bench.scripted import STEP_KINDS
 from rexedge.runtime.config import PRESETS, RexOmniConfig
 from rexedge.runtime.manifest import MANIFEST
@@ -125,13 +133,16 @@ def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario]
         bandwidth = _bandwidth(device)
         load_start, started = os.getloadavg()[0], datetime.datetime.now().astimezone()
         base_rss = PeakRss.current()
-        runners, load_rss = {}, {}
+        runners, load_rss, load_s = {}, {}, {}
         for name in [*backends, *([baseline] if baseline else [])]:
             gc.collect()
             before = PeakRss.current()
             log(f"bench: loading {name}")
+            start = time.perf_counter()
             runners[name] = _make_runner(name, source, device, max_context, precision, threads)
+            load_s[name] = round(time.perf_counter() - start, 3)
             load_rss[name] = PeakRss.current() - before
+            log(f"bench: loaded {name} in {load_s[name]:.1f} s")
         memory = {name: Memory(base_rss, load) for name, load in load_rss.items()}
         measured = []
         for scenario in scenarios:
@@ -140,6 +151,8 @@ def run_bench(model: str, backends: Sequence[str], scenarios: Sequence[Scenario]
             bandwidth = _bandwidth(device, bandwidth)
         records = [_record(name, name == baseline, scenario, runs[name], runner, snapshots[name], bandwidth)
                    for scenario, runs, snapshots in measured for name, runner in runners.items()]
+        for record in records:
+            record["load_s"] = load_s[record["backend"]]
         _add_speedups(records, baseline)
         return {
             "schema": SCHEMA,

@@ -18,7 +18,7 @@ def table(result: dict[str, Any]) -> str:
     """One line per record: medians (ms) per stage, rates, speedups, peak RSS; then the step kinds
     (steps, the tokens they appended and how many of those were forced)."""
     header = ["scenario", "backend", "tokens", *(label for _, label in STAGE_COLUMNS), "tok/s", "box/s",
-              "x e2e", "x tok", "RSS MB"]
+              "x e2e", "x tok", "RSS MB", "load s"]
     rows = []
     for r in result["records"]:
         m, speedup = r["metrics"], r["speedup_vs_baseline"]
@@ -27,7 +27,7 @@ def table(result: dict[str, Any]) -> str:
                      f"{m['tokens_per_s']['median']:.1f}", f"{m['boxes_per_s']['median']:.2f}",
                      "-" if speedup is None else f"{speedup['end_to_end']:.2f}",
                      "-" if speedup is None else f"{speedup['decode_per_token']:.2f}",
-                     f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}"])
+                     f"{r['memory']['peak_rss_bytes'] / 2**20:.0f}", f"{r['load_s']:.1f}"])
     lines = [_format(header, rows)]
     step_header = ["scenario", "backend", "kind", "steps", "tokens", "forced", "ms/step", "p90", "head ms", "ms/tok",
                    "MB read", "floor ms", "% bw"]

@@ -30,6 +30,7 @@ from onnx import TensorProto
 from rexedge.export.onnx.blocked_dq import BlockedDQWeights
 from rexedge.export.onnx.decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRESENT, TOKENS, build_decoder_graph
 from rexedge.export.onnx.graph import ExternalData
+from rexedge.export.onnx.head import build_head_graph, quantize_head
 from rexedge.export.onnx.nbits import NBitsWeights
 from rexedge.export.onnx.vision import MERGED, PATCHES, WINDOWS, build_vision_graph
 from rexedge.export.tensorrt.profiles import decoder_profiles, vision_profiles
@@ -122,7 +123,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     express attention and the KV cache (see :mod:`rexedge.export.onnx.decoder` and
     :mod:`rexedge.export.onnx.vision`). ``weights`` "int4" or "int8" quantizes the decoder's
     linear weights (fp32 activations) as MatMulNBits in the ort flavour (see
-    :mod:`rexedge.export.onnx.nbits`), as blocked DequantizeLinear + MatMul in the trt flavour (int4
+    :mod:`rexedge.export.onnx.nbits`), with the int8 full-vocabulary head graph
+    (:mod:`rexedge.export.onnx.head`), as blocked DequantizeLinear + MatMul in the trt flavour (int4
     only, see :mod:`rexedge.export.onnx.blocked_dq`), None keeps them in the precision; ``nbits_options``
     overrides :class:`~rexedge.export.onnx.nbits.NBitsWeights`' block settings (tests, measurements).
     An AWQ checkpoint gives int4 weights whatever ``weights`` is None or "int4": its own (module docstring).
@@ -149,6 +151,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         np_dtype = np.float16 if precision == "fp16" else np.float32
         vision_data = ExternalData(staging / (schema.VISION_FILE + schema.DATA_SUFFIX))
         decoder_data = ExternalData(staging / (schema.DECODER_FILE + schema.DATA_SUFFIX))
+        # the head graph is ONNX Runtime's MatMulNBits: the ort flavour's (TensorRT bundles keep the float table)
+        head_data = (ExternalData(staging / (schema.HEAD_GRAPH_FILE + schema.DATA_SUFFIX))
+                     if nbits is not None and flavour == "ort" else None)
+        head_nbits = None
         total = len(expected_tensor_shapes(cfg))
         with tqdm(total=total, desc="export: weights", unit="tensor", disable=not progress) as bar:
             for name, tensor, file in iter_checkpoint_tensors(checkpoint, dtype=torch.float32, awq_packed=True):
@@ -164,6 +170,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                 array = tensor.numpy()
                 if name == EMBED:
                     np.save(staging / schema.HEAD_FILE, array)
+                    if head_data is not None:
+                        head_nbits, head_arrays = quantize_head(array)
+                        for part, packed in head_arrays.items():
+                            head_data.add(part, packed)
+                        del head_arrays
                     continue
                 stored = _stored_layout(name, array).astype(np_dtype)
                 if not np.isfinite(stored).all():
@@ -174,8 +185,14 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                         decoder_data.add(part, packed, nbits.packed_as(part))
                     continue
                 (vision_data if name.startswith("visual.") else decoder_data).add(name, stored)
-        vision_data.close()
-        decoder_data.close()
+        for data in (vision_data, decoder_data, head_data):
+            if data is not None:
+                data.close()
+        head_graph = None
+        if head_data is not None and head_nbits is not None:
+            onnx.save(build_head_graph(cfg, head_data.tensors, head_nbits), staging / schema.HEAD_GRAPH_FILE)
+            head_graph = {schema.FILE: schema.HEAD_GRAPH_FILE, schema.DATA: head_data.path.name,
+                          schema.WEIGHTS: head_nbits.manifest_entry()}
 
         graphs = {}
         dims = _dim_ranges(cfg, flavour)
@@ -207,7 +224,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
             schema.FLAVOUR: flavour,
             schema.TOKENS: asdict(ids),
             schema.HEAD: schema.head_entry(cfg.vocab_size, cfg.hidden_size,
-                                           (ids.coord_start, ids.coord_start + ids.num_coords)),
+                                           (ids.coord_start, ids.coord_start + ids.num_coords), head_graph),
             schema.GRAPHS: graphs,
         }
         if progress:

@@ -8,6 +8,8 @@ Layout (format version 1)::
     decoder.onnx (+ .data) embeddings + M-RoPE positions + KV cache -> hidden states
     embed_tokens.npy     the tied embedding [vocab, hidden] float32: the head (the
                          coordinate rows are a slice of it) and the input lookup table
+    head.onnx (+ .data)  weight-quantized bundles only: the full-vocabulary head, hidden ->
+                         logits, with the table as int8 MatMulNBits (manifest: head.graph)
 
 ``manifest.json`` holds the format name and version, the source checkpoint's digest, the
 model config (the published config.json layout), precision and decoder flavour, the
@@ -35,6 +37,7 @@ import numpy as np
 
 from rexedge.runtime.config import ConfigError, RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.hash_cache import HashCache, sha256_file
 from rexedge.runtime.manifest import (
     CONFIG,
     DATA,
@@ -48,9 +51,8 @@ from rexedge.runtime.manifest import (
     FORMAT_KEY,
     FORMAT_VERSION,
     GRAPHS,
-    WEIGHT_FORMATS,
-    WEIGHTS,
     HEAD,
+    HEAD_GRAPH,
     INPUTS,
     INT8,
     MANIFEST,
@@ -61,21 +63,13 @@ from rexedge.runtime.manifest import (
     TOKENS,
     VERSION_KEY,
     VISION,
+    WEIGHT_FORMATS,
+    WEIGHTS,
 )
-
-_HASH_CHUNK = 1 << 22
 
 
 class BundleError(RexEdgeError, ValueError):
     """A bundle directory that cannot be used: wrong format version, missing or altered file."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
@@ -136,6 +130,11 @@ class Bundle:
                 f"the manifest says float32 {head['shape']}")
         return table
 
+    @property
+    def head_graph(self) -> Mapping[str, Any] | None:
+        """The quantized full-vocabulary head graph's entry ({file, data, weights}), None when the float table serves."""
+        return self.manifest[HEAD].get(HEAD_GRAPH)
+
     def load_tokenizer(self) -> Any:
         """The bundle's tokenizer (``rexedge.runtime.request.tokenizer.Tokenizer``), checked against the manifest's ids."""
         from rexedge.runtime.request.tokenizer import Tokenizer
@@ -182,6 +181,7 @@ def _graph(manifest: Mapping[str, Any], name: str, where: Path) -> GraphSpec:
 
 
 def _verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]], hashes: bool) -> None:
+    cache = HashCache() if hashes else None
     for name, entry in files.items():
         path = directory / name
         if not path.is_file():
@@ -189,8 +189,10 @@ def _verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]], hashe
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise BundleError(f"{path}: {size} bytes, {MANIFEST} records {entry['bytes']}: the file was altered")
-        if hashes and sha256_file(path) != entry["sha256"]:
+        if cache is not None and cache.sha256(path) != entry["sha256"]:
             raise BundleError(f"{path}: sha256 differs from {MANIFEST}: the file was altered")
+    if cache is not None:
+        cache.save()
 
 
 @contextmanager
@@ -254,7 +256,9 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     """Open a bundle directory and check it: format version, manifest digest, every file's size and sha256.
 
     ``verify_hashes=False`` checks presence and sizes only (hashing the 3B model's graphs
-    reads every byte once, several seconds on an edge device).
+    reads every byte once, several seconds on an edge device). Hashes of files unchanged since
+    they were last hashed are remembered (:mod:`rexedge.runtime.hash_cache`): only the first load
+    of a bundle reads it whole.
     """
     directory = Path(path)
     manifest = _read_manifest(directory)
@@ -276,6 +280,13 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
                               f"one of {WEIGHT_FORMATS}")
     needed = [vision.file, decoder.file, manifest[HEAD][FILE], TOKENIZER_FILE]
     needed += [g.data for g in (vision, decoder) if g.data]
+    head_graph = manifest[HEAD].get(HEAD_GRAPH)
+    if head_graph is not None:
+        if not isinstance(head_graph, dict) or not {FILE, DATA, WEIGHTS} <= head_graph.keys() \
+                or head_graph[WEIGHTS].get("format") not in WEIGHT_FORMATS:
+            raise BundleError(f"{where}: {HEAD}.{HEAD_GRAPH} is incomplete: expected {FILE}, {DATA} and {WEIGHTS} "
+                              f"with a format in {WEIGHT_FORMATS}")
+        needed += [head_graph[FILE], head_graph[DATA]]
     unlisted = [n for n in needed if n not in files]
     if unlisted:
         raise BundleError(f"{where}: {', '.join(unlisted)} not listed under '{FILES}'")

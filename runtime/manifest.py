@@ -18,6 +18,7 @@ TOKENIZER_FILE = "tokenizer.json"
 HEAD_FILE = "embed_tokens.npy"
 VISION_FILE = "vision.onnx"
 DECODER_FILE = "decoder.onnx"
+HEAD_GRAPH_FILE = "head.onnx"   # weight-quantized bundles: the full-vocabulary head as MatMulNBits
 DATA_SUFFIX = ".data"   # a graph's external weights beside it
 
 # weight formats: what `rexedge export` writes, and what `rexedge calibrate` writes from an fp32
@@ -62,6 +63,7 @@ POSITION_IDS = "position_ids"
 SEQLENS_K = "seqlens_k"                          # ort flavour: total length - 1
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # ort flavour: the cache's capacity
 HIDDEN_STATES = "hidden_states"
+LOGITS = "logits"                                # the head graph's output [batch, vocab]
 KV_KINDS = ("key", "value")
 
 
@@ -75,9 +77,18 @@ def present(kind: str, layer: int) -> str:
     return f"present_{kind}_{layer}"
 
 
-def head_entry(vocab_size: int, hidden_size: int, coord_rows: tuple[int, int]) -> dict[str, Any]:
-    """The manifest's ``head``: the tied embedding table, float32 [vocab, hidden], and its coordinate rows."""
-    return {FILE: HEAD_FILE, "dtype": "float32", "shape": [vocab_size, hidden_size], "coord_rows": list(coord_rows)}
+HEAD_GRAPH = "graph"   # a head entry's quantized full-vocabulary graph: {FILE, DATA, WEIGHTS}
+
+
+def head_entry(vocab_size: int, hidden_size: int, coord_rows: tuple[int, int],
+               graph: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest's ``head``: the tied embedding table, float32 [vocab, hidden], and its coordinate rows;
+    with ``graph`` ({FILE, DATA, WEIGHTS: weights_entry()}) the full-vocabulary products run that graph instead
+    of the float table (the coordinate and listed rows, and the input lookup, stay on the table)."""
+    entry = {FILE: HEAD_FILE, "dtype": "float32", "shape": [vocab_size, hidden_size], "coord_rows": list(coord_rows)}
+    if graph is not None:
+        entry[HEAD_GRAPH] = dict(graph)
+    return entry
 
 
 def graph_entry(file: str, data: str | None, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]],

@@ -1,7 +1,6 @@
 import os
 
 
-
 def _cuda_present() -> bool:
     try:
         import torch
@@ -20,6 +19,11 @@ if not _cuda_present():
 # `kernels/`, `export/`, ... would shadow installed packages of those names
 # (tests/test_no_shadowing.py).
 os.environ["PYTHONSAFEPATH"] = "1"
+
+# bundle hashes remembered by the tests' loads (rexedge.runtime.hash_cache) stay out of the user's cache
+import tempfile  # noqa: E402
+
+os.environ.setdefault("REXEDGE_CACHE_DIR", tempfile.mkdtemp(prefix="rexedge-test-cache-"))
 
 from pathlib import Path
 

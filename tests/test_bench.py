@@ -14,8 +14,8 @@ from rexedge.bench.harness import SCHEMA, run_bench
 from rexedge.bench.report import plot, table
 from rexedge.bench.scenarios import BenchError, Scenario, forced_response, parse_scenario
 from rexedge.bench.scripted import ScriptedHead, TimedBackend
-from rexedge.runtime.results.parse import parse_prediction
 from rexedge.runtime.request.tokenizer import Tokenizer
+from rexedge.runtime.results.parse import parse_prediction
 
 STATS = {"median", "p90", "n"}
 STAGE_METRICS = {"preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms", "host_ms", "end_to_end_ms",
@@ -107,6 +107,7 @@ def test_harness_json_schema(tiny_checkpoint: Path, tokenizer: Tokenizer, tmp_pa
             else:
                 _check_stats(value)
         assert set(r["memory"]) == MEMORY_FIELDS and r["memory"]["peak_rss_bytes"] >= r["memory"]["base_rss_bytes"] > 0
+        assert r["load_s"] > 0
         for kind, step in r["steps"].items():
             assert set(step) == STEP_FIELDS and step["bytes_per_step"] > 0
             for key in ("ms_per_step", "head_ms_per_step", "backend_ms_per_step", "ms_per_token"):
@@ -169,8 +170,8 @@ def test_cli_bench_errors(tiny_bundle: Path, capsys: pytest.CaptureFixture, argv
 
 def test_real_layout_tokenizer_has_the_published_ids(tmp_path: Path) -> None:
     """The tokenizer cpu-bench / rex-omni-3b checkpoints get: the ids docs/model.md lists for the real model."""
-    from rexedge.runtime.config import RexOmniConfig
     from rexedge.export.fixtures.tiny_tokenizer import QWEN_SPECIAL_TOKENS, REAL_NUM_ORDINARY, write_tiny_tokenizer
+    from rexedge.runtime.config import RexOmniConfig
 
     for preset in ("cpu-bench", "rex-omni-3b"):  # write_tiny_checkpoint derives the layout from these ids
         assert RexOmniConfig.preset(preset).image_token_id - QWEN_SPECIAL_TOKENS.index("<|image_pad|>") == REAL_NUM_ORDINARY
@@ -186,3 +187,25 @@ def test_real_layout_tokenizer_has_the_published_ids(tmp_path: Path) -> None:
     encoded = tok.encode_text(text)
     assert max(encoded) < 2000 and tok.decode(encoded) == text  # filler tokens are never produced
     assert tok.decode([150643, 151642, 151645]) == "<0><999><|im_end|>"
+
+
+def test_weights_quality_compares_each_bundle_with_the_first(tiny_checkpoint: Path, tiny_bundle: Path,
+                                                             tmp_path: Path) -> None:
+    """The same bundle twice agrees exactly (cosines 1, every argmax); an int4 bundle, teacher-forced on the
+    reference's tokens, moves the hidden states but stays in the same direction."""
+    import shutil
+
+    from rexedge.bench.weights_quality import main
+    from rexedge.export.bundle import export_bundle
+
+    twin = Path(shutil.copytree(tiny_bundle, tmp_path / "twin"))
+    int4 = export_bundle(tiny_checkpoint, tmp_path / "int4", progress=False, weights="int4")
+    out = tmp_path / "quality.json"
+    main(["--bundle", f"float={tiny_bundle}", "--bundle", f"twin={twin}", "--bundle", f"int4={int4}",
+          "--steps", "9", "--image-size", "123x97", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["reference"] == "float" and result["request"]["positions"] == 9
+    twin_row, int4_row = result["rows"]["twin"], result["rows"]["int4"]
+    for key in ("hidden_cosine_min", "coord_logit_cosine_min", "coord_argmax_agreement", "token_agreement"):
+        assert twin_row[key] == pytest.approx(1.0, abs=1e-6)
+    assert 0 < int4_row["hidden_cosine_min"] < 1 - 1e-6 and 0 < int4_row["coord_logit_cosine_mean"] < 1

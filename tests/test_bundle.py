@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from rexedge.runtime.bundle import FORMAT_VERSION, BundleError, load_bundle, manifest_digest, sha256_file
-from rexedge.runtime.request.tokenizer import Tokenizer
 from rexedge.export.bundle import export_bundle
-from rexedge.runtime.model.checkpoint import checkpoint_digest
+from rexedge.runtime.bundle import FORMAT_VERSION, BundleError, load_bundle, manifest_digest, sha256_file
 from rexedge.runtime.config import RexOmniConfig
+from rexedge.runtime.model.checkpoint import checkpoint_digest
+from rexedge.runtime.request.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,38 @@ def test_changed_byte_in_a_graph_is_refused(bundle_copy: Path) -> None:
     data.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match=r"decoder\.onnx\.data: sha256 differs"):
         load_bundle(bundle_copy)
+
+
+def test_hashes_of_unchanged_files_are_remembered_and_a_changed_file_is_hashed_again(
+        bundle_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rexedge.runtime.hash_cache as hash_cache
+
+    monkeypatch.setenv("REXEDGE_CACHE_DIR", str(tmp_path / "cache"))
+    load_bundle(bundle_copy)                      # hashes every file once and remembers
+    hashed: list[Path] = []
+    real = hash_cache.sha256_file
+    monkeypatch.setattr(hash_cache, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    load_bundle(bundle_copy)
+    assert hashed == []
+    # one byte changed in place, same size, modification time set back: the change time still differs
+    data = bundle_copy / "decoder.onnx.data"
+    before = data.stat()
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 3] ^= 0x10
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(BundleError, match=r"decoder\.onnx\.data: sha256 differs"):
+        load_bundle(bundle_copy)
+    assert hashed == ["decoder.onnx.data"]
+
+
+def test_an_unwritable_hash_cache_only_costs_hashing(bundle_copy: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("REXEDGE_CACHE_DIR", str(blocker / "cache"))   # a directory under a file: never creatable
+    assert load_bundle(bundle_copy).config.hidden_size == 64
+    assert load_bundle(bundle_copy).config.hidden_size == 64
 
 
 def test_changed_byte_in_manifest_is_refused(bundle_copy: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -216,3 +217,36 @@ def test_a_visual_prompt_outside_every_image_fails_before_the_model_loads(workdi
                    "--visual-prompt-boxes", "10,10,151,50"])
     assert status == 2
     assert "image.png: visual prompt box 0 [10.0, 10.0, 151.0, 50.0] lies outside the 150x90" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["batch", "nothere/", "--out", "out.jsonl", "--categories", "cup"], "inputs: nothere/: no such file or folder"),
+    (["batch", "image.png", "--out", "out.jsonl"], "task 'detection' needs categories"),
+    (["batch", "image.png", "--out", "out.jsonl", "--categories", "cup", "--coco", "c.json"], "coco: needs category_ids"),
+    (["video", "missing.mp4", "--out", "out.jsonl", "--categories", "cup"], "missing.mp4: no such video file"),
+    (["video", "empty_dir", "--out", "out.jsonl", "--categories", "cup"], "empty_dir: is a directory"),
+    (["video", "image.png", "--out", "out.jsonl", "--task", "segmentation", "--categories", "cup"],
+     "unknown task 'segmentation'"),
+    (["video", "image.png", "--out", "out.jsonl", "--task", "visual_prompting"],
+     "visual_prompting needs --visual-prompt-boxes"),
+    (["video", "image.png", "--out", "out.jsonl", "--categories", "cup", "--annotate", "boxes.gif"],
+     "boxes.gif: expected a .mp4 or .avi file"),
+])
+def test_batch_and_video_requests_are_checked_before_the_model_loads(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str], message: str):
+    from rexedge.runtime import api
+    from rexedge.runtime.cli import main
+
+    monkeypatch.setattr(api, "RexOmni", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(workdir)
+    assert main([*argv, "--model", "bundle"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (workdir / "out.jsonl").exists()
+
+
+def test_the_load_time_is_reported(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    from rexedge.runtime.cli import main
+
+    monkeypatch.chdir(workdir)
+    assert main([*DETECT, "--categories", "cup"]) == 0
+    assert re.search(r"^loaded bundle \(ort\) in \d+\.\d s$", capsys.readouterr().err, re.MULTILINE)

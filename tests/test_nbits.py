@@ -18,14 +18,14 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from test_api import random_image
+from test_loop import response_pattern
 
 from rexedge.export.bundle import ExportError, export_bundle
 from rexedge.runtime.api import RexOmni
 from rexedge.runtime.backends.graph_session import ArraySession, open_session
 from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.model.checkpoint import load_model
-from test_api import random_image
-from test_loop import response_pattern
 
 # (weights, export options): the shipped settings, and a float-compute variant with several
 # blocks per column (the tiny model's K is 64 or 128) and no zero points, to check the layout exactly
@@ -212,3 +212,130 @@ def test_bad_weights_are_refused_early(tiny_checkpoint: Path, tmp_path: Path) ->
                           "--out", str(tmp_path / "d"), "--weights", "int3"], capture_output=True, text=True)
     assert cli.returncode != 0 and "--weights" in cli.stderr and "'int4'" in cli.stderr
     assert not (tmp_path / "d").exists()
+
+
+# The head of weight-quantized bundles (issue 18 item 2): the tied embedding as an int8 MatMulNBits graph for
+# the full-vocabulary steps; coordinate and listed rows stay on the float table.
+
+def _head_node(bundle: Path) -> tuple[onnx.GraphProto, onnx.NodeProto]:
+    graph = onnx.load(bundle / "head.onnx", load_external_data=False).graph
+    [node] = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    return graph, node
+
+
+def _head_scales(graph: onnx.GraphProto, node: onnx.NodeProto, bundle: Path) -> np.ndarray:
+    [scales] = [numpy_helper.to_array(t, base_dir=str(bundle)) for t in graph.initializer if t.name == node.input[2]]
+    return scales
+
+
+@pytest.mark.parametrize("variant", ["int4", "int8"])
+def test_the_head_graph_is_the_int8_table(bundles: dict, variant: str) -> None:
+    bundle = load_bundle(bundles[variant])
+    entry = bundle.head_graph
+    assert entry is not None and entry["weights"]["format"] == "int8" and entry["weights"]["bits"] == 8
+    graph, node = _head_node(bundles[variant])
+    table = bundle.load_embed_table()
+    dequantized = _dequantize(graph, node, bundles[variant])
+    assert dequantized.shape == table.shape
+    # every element within half a quantization step of its block (asymmetric rounding to 255 levels)
+    block = entry["weights"]["block_size"]
+    scales = _head_scales(graph, node, bundles[variant]).reshape(table.shape[0], -1)
+    step = np.repeat(scales, block, axis=1)[:, :table.shape[1]]
+    assert (np.abs(dequantized - table) <= step * 0.5001 + 1e-9).all()
+    assert load_bundle(bundles["float"]).head_graph is None and not (bundles["float"] / "head.onnx").exists()
+
+
+def test_head_logits_follow_the_dequantized_table(bundles: dict) -> None:
+    """accuracy_level 4 quantizes the hidden state to int8 per block of 128 inside the kernel: the logits are
+    the dequantized table's up to that rounding (measured over 200 fresh inputs: median 0.56%, at most 0.94% of
+    the largest logit; the tolerance is 3%); a misread table (wrong rows, a wrong transposition) is off by the logits' own size."""
+    from rexedge.runtime.backends.graph_session import HeadSession
+
+    bundle = load_bundle(bundles["int4"])
+    graph, node = _head_node(bundles["int4"])
+    dequantized = _dequantize(graph, node, bundles["int4"]).astype(np.float64)
+    table = bundle.load_embed_table()
+    head = HeadSession(open_session(bundles["int4"] / "head.onnx", who="test"), *table.shape[::-1])
+    rng = np.random.default_rng()
+    for _ in range(5):
+        hidden = rng.standard_normal(table.shape[1]).astype(np.float32) * float(rng.uniform(0.5, 4))
+        got, want = head.logits(hidden).copy(), dequantized @ hidden
+        assert _max_relative(got, want) <= 3e-2
+        against_float = table.astype(np.float64) @ hidden
+        assert got @ against_float / (np.linalg.norm(got) * np.linalg.norm(against_float)) >= 0.999
+
+
+def _penalized(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """transformers' repetition penalty (the reference's order): divide positive seen logits, multiply negative."""
+    out = logits.copy()
+    out[seen] = np.where(out[seen] > 0, out[seen] / penalty, out[seen] * penalty)
+    return out
+
+
+def test_full_vocabulary_steps_run_the_head_graph_and_coordinates_the_float_rows(bundles: dict) -> None:
+    from rexedge.runtime.backends import load_backend
+    from rexedge.runtime.decode.head import Sampling
+
+    backend = load_backend("ort", bundles["int4"])
+    graph, node = _head_node(bundles["int4"])
+    dequantized = _dequantize(graph, node, bundles["int4"]).astype(np.float64)
+    table = backend.embed_table
+    vocab = table.shape[0]
+    start, stop = load_bundle(bundles["int4"]).coord_rows
+    rng = np.random.default_rng()
+    head = backend.make_head(Sampling(repetition_penalty=1.3))
+    prompt = rng.integers(0, vocab, size=37)
+    head.reset(prompt)
+    seen = np.zeros(vocab, bool)
+    seen[prompt] = True
+    for _ in range(6):
+        hidden = rng.standard_normal(table.shape[1]).astype(np.float32) * 2
+        want = _penalized(dequantized @ hidden, seen, 1.3)
+        token, _ = head.choose_full(hidden)
+        # the chosen row is the reference's best up to the kernel's activation rounding (test above)
+        assert want[token] >= want.max() - 3e-2 * np.abs(want).max()
+        blocked = rng.random(vocab) < 0.5
+        token, _ = head.choose_full(hidden, blocked)
+        assert not blocked[token]
+        assert want[token] >= want[~blocked].max() - 3e-2 * np.abs(want).max()
+        coord, _ = head.choose_range(hidden, start, stop)   # float rows: the exact argmax
+        assert coord == start + int(np.argmax(_penalized(table[start:stop].astype(np.float64) @ hidden,
+                                                         seen[start:stop], 1.3)))
+        head.observe(token)
+        seen[token] = True
+
+
+def test_the_ort_backend_hands_full_vocabulary_steps_to_the_head_graph(bundles: dict,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wiring: with a head graph the full-vocabulary logits are the graph's (here replaced by known values),
+    never the float table's; a float bundle has no head graph and uses the table."""
+    from rexedge.runtime.backends import load_backend
+    from rexedge.runtime.backends.graph_session import HeadSession
+    from rexedge.runtime.decode.head import Sampling
+
+    rng = np.random.default_rng()
+    backend = load_backend("ort", bundles["int8"])
+    vocab, hidden_size = backend.embed_table.shape
+    planted = rng.standard_normal(vocab).astype(np.float32)
+    monkeypatch.setattr(HeadSession, "logits", lambda self, hidden: planted.copy())
+    head = backend.make_head(Sampling(repetition_penalty=1.0))
+    head.reset(np.array([0]))
+    assert head.choose_full(rng.standard_normal(hidden_size).astype(np.float32))[0] == int(np.argmax(planted))
+    float_backend = load_backend("ort", bundles["float"])
+    head = float_backend.make_head(Sampling(repetition_penalty=1.0))
+    head.reset(np.array([0]))
+    hidden = rng.standard_normal(hidden_size).astype(np.float32)
+    assert head.choose_full(hidden)[0] == int(np.argmax(float_backend.embed_table.astype(np.float64) @ hidden))
+
+
+@pytest.mark.parametrize("bits", ["int4", "int8"])
+def test_quantizing_a_table_by_rows_in_chunks_equals_quantizing_its_transpose(bits: str) -> None:
+    from rexedge.export.onnx.nbits import NBitsWeights
+
+    rng = np.random.default_rng()
+    rows = rng.standard_normal((int(rng.integers(40, 90)), 200)).astype(np.float32)
+    chunked = NBitsWeights(bits).quantize_rows("t", rows, chunk=int(rng.integers(3, 17)))
+    whole = NBitsWeights(bits).quantize("t", rows.T.copy())
+    assert chunked.keys() == whole.keys()
+    for name in whole:
+        np.testing.assert_array_equal(chunked[name], whole[name])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from rexedge.runtime.bundle import load_bundle
-from rexedge.runtime.request.positions import decode_positions, rope_positions
-from rexedge.runtime.request.vision_layout import vision_layout
 from rexedge.export.bundle import ExportError, export_bundle
+from rexedge.runtime.backends.ort import FP16_ON_CPU
+from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.model.checkpoint import load_model
 from rexedge.runtime.model.compact import KVCache
+from rexedge.runtime.request.positions import decode_positions, rope_positions
+from rexedge.runtime.request.vision_layout import vision_layout
 
 RTOL = 1e-4
 
@@ -172,6 +175,13 @@ def test_fp16_export_runs_close_to_fp32(tiny_checkpoint: Path, bundle_dir: Path,
                .run(["image_embeds"], vision_feeds(patches, 6, 10))[0] for d in (bundle_dir, fp16)]
     # half precision through 4 blocks and the merger: agreement to a few parts in a thousand
     assert relative_error(outputs[1], outputs[0]) < 2e-2
+    # on a CPU an fp16 bundle says once, in one line, that it is for GPUs and what to export instead
+    for bundle, warned in ((fp16, True), (bundle_dir, False)):
+        loaded = subprocess.run([sys.executable, "-P", "-c", f"from rexedge.runtime.backends import load_backend\n"
+                                 f"load_backend('ort', {str(bundle)!r})"], capture_output=True, text=True)
+        assert loaded.returncode == 0, loaded.stderr
+        lines = loaded.stderr.splitlines()
+        assert lines == ([FP16_ON_CPU] if warned else [])
 
 
 def test_export_refuses_bad_arguments(tiny_checkpoint: Path, tmp_path: Path) -> None:

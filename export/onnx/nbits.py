@@ -88,13 +88,27 @@ class NBitsWeights:
     def quantize(self, name: str, weight: np.ndarray) -> dict[str, np.ndarray]:
         """float32 [K, N] -> the initializers of its MatMulNBits node, by name."""
         k, n = weight.shape
+        return self._from_nbits(name, k, n, *self._pack(np.ascontiguousarray(weight, dtype=np.float32)))
+
+    def quantize_rows(self, name: str, rows: np.ndarray, chunk: int = 8192) -> dict[str, np.ndarray]:
+        """float [N, K] (a table whose rows are the product's output columns: the tied embedding as the
+        head, logits = hidden @ rows.T) -> the initializers of its MatMulNBits node, by name.
+
+        Every output column is quantized on its own, so the table is quantized ``chunk`` rows at a
+        time and the pieces stacked: a transposed float copy of the whole table is never made."""
+        n, k = rows.shape
+        pieces = [self._pack(np.ascontiguousarray(rows[i:i + chunk].T, dtype=np.float32)) for i in range(0, n, chunk)]
+        return self._from_nbits(name, k, n, *(np.concatenate(parts) for parts in zip(*pieces)))
+
+    def _pack(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Contiguous float32 [K, N] -> packed [N, K/block, block*bits/8], scales [N, K/block], zero points [N, ...]."""
+        k, n = weight.shape
         blocks = -(-k // self.block_size)
         packed = np.zeros((n, blocks, self.block_size * self.bits // 8), np.uint8)
         scales = np.zeros((n, blocks), np.float32)
         zero_points = np.zeros((n, -(-blocks * self.bits // 8)), np.uint8)
-        _QUANTIZERS[self.bits](packed, np.ascontiguousarray(weight, dtype=np.float32), scales, zero_points,
-                               self.block_size, n, k, self.symmetric)
-        return self._from_nbits(name, k, n, packed, scales, zero_points)
+        _QUANTIZERS[self.bits](packed, weight, scales, zero_points, self.block_size, n, k, self.symmetric)
+        return packed, scales, zero_points
 
     def repack(self, name: str, q: np.ndarray, zeros: np.ndarray, scales: np.ndarray) -> dict[str, np.ndarray]:
         """Integers already chosen (an AWQ layer) -> the initializers of its MatMulNBits node, by name.

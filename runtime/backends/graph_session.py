@@ -335,3 +335,23 @@ class ArraySession(DecoderSession):
         self._cache = {past: results[present] for past, present in
                        zip(self.cache_names(schema.past), self.cache_names(schema.present))}
         return results[schema.HIDDEN_STATES][0, -1]
+
+
+class HeadSession:
+    """A bundle's quantized full-vocabulary head graph (hidden [H] -> logits [vocab] float32) through two host
+    buffers bound once: a step copies the hidden state in (H floats) and nothing else."""
+
+    def __init__(self, session: ort.InferenceSession, hidden_size: int, vocab_size: int) -> None:
+        self.session = session
+        self._hidden = np.zeros((1, hidden_size), np.float32)
+        self._logits = np.zeros((1, vocab_size), np.float32)
+        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._hidden, self._logits)]
+        self._binding = session.io_binding()
+        self._binding.bind_ortvalue_input(schema.HIDDEN_STATES, self._values[0])
+        self._binding.bind_ortvalue_output(schema.LOGITS, self._values[1])
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits of every row for ``hidden`` [H]: a view of the output buffer, rewritten by the next call."""
+        self._hidden[0] = hidden
+        self.session.run_with_iobinding(self._binding)
+        return self._logits[0]

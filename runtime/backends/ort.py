@@ -15,12 +15,14 @@ Importing this module imports onnxruntime and numpy only (no torch).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
+from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.base import (
     DEFAULT_MAX_CONTEXT,
     MAX_STEP_TOKENS,
@@ -36,13 +38,19 @@ from rexedge.runtime.backends.base import (
     check_slot,
     check_token_ids,
 )
-from rexedge.runtime import manifest as schema
-from rexedge.runtime.backends.graph_session import InPlaceSession, SlotSession, open_session
+from rexedge.runtime.backends.graph_session import HeadSession, InPlaceSession, SlotSession, open_session
 from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.bundle import load_bundle
+from rexedge.runtime.decode.head import NumpyHead, Sampling
 
 if TYPE_CHECKING:
     from rexedge.runtime.request.preprocess import PreprocessedImage
+
+# ONNX Runtime's CPU provider has no fp16 matrix kernels on x86: it up-casts an fp16 graph's weights to
+# float32 copies when the session is made (so RSS is the fp32 bundle's, twice the fp16 size) and runs in fp32
+# with casts around (slower than an fp32 bundle); measured at the 3B shapes in bench/RESULTS.md (issue 18 item 3)
+FP16_ON_CPU = ("rexedge: an fp16 bundle is for GPUs; on a CPU, ONNX Runtime holds float32 copies of its weights "
+               "(twice its size in memory, and slower than fp32): export with --weights int4 or int8 (or --dtype fp32)")
 
 _KV_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.float32}  # int8: Q/DQ graphs, float32 cache
 
@@ -82,6 +90,8 @@ class OrtBackend(HostHeadBackend):
                                f"decoder batch of at most {bundle_batch} (exported before batched decoding?); "
                                f"re-export it with this rexedge (rexedge export) or use max_batch <= {bundle_batch}")
         cfg = bundle.config
+        if device == "cpu" and bundle.precision == "fp16":
+            logging.getLogger("rexedge").warning(FP16_ON_CPU)
         if not 1 <= max_context <= cfg.max_position_embeddings:
             raise BackendError(f"ort backend: max_context must be in 1..{cfg.max_position_embeddings}, "
                                f"got {max_context}")
@@ -105,12 +115,19 @@ class OrtBackend(HostHeadBackend):
                 self.name, lambda: SlotSession(decoder, cfg, max_batch, capacity, kv_dtype, device_type, device_id),
                 max_batch, capacity, per_token)
         self.max_batch = max_batch
+        # weight-quantized bundles: full-vocabulary head products on the int8 head graph, not the float table
+        head = bundle.head_graph
+        self._head = None if head is None else HeadSession(
+            open_session(bundle.path(head[schema.FILE]), threads, bundle.precision), cfg.hidden_size, cfg.vocab_size)
 
         self.bundle = bundle
         self.config = cfg
         self.tokenizer = bundle.load_tokenizer()
         self.embed_table = bundle.load_embed_table()
         self.max_context = max_context
+
+    def make_head(self, sampling: Sampling) -> NumpyHead:
+        return NumpyHead(self.embed_table, sampling, None if self._head is None else self._head.logits)
 
     @property
     def _length(self) -> int:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from rexedge.runtime.errors import RexEdgeError
@@ -74,7 +75,7 @@ def _check_outputs(args: argparse.Namespace) -> None:
                                f"(expected e.g. .png or .jpg)")
 
 
-def _check_request(args: argparse.Namespace) -> tuple[list[str] | None, list[list[float]] | None]:
+def check_request(args: argparse.Namespace) -> tuple[list[str] | None, list[list[float]] | None]:
     """Categories and boxes from the command line, with the task's needs checked once, before the model
     loads (whether the boxes lie inside an image is checked per image)."""
     from rexedge.runtime.cli.options import parse_boxes, parse_categories
@@ -117,7 +118,7 @@ def _check_images(images: list, names: list[str], args: argparse.Namespace, cate
 def _run_detect(images: list, names: list[str], args: argparse.Namespace, model_path) -> tuple[list[dict], list[str]]:
     """One record per image and the failures; a bad image is recorded and the others still run. The model is
     loaded only when some image can run."""
-    categories, boxes = _check_request(args)
+    categories, boxes = check_request(args)
     _check_outputs(args)
     early = _check_images(images, names, args, categories, boxes)
     model = model_from_args(args, model_path) if len(early) < len(images) else None
@@ -221,7 +222,10 @@ def model_from_args(args: argparse.Namespace, model_path=None):
     from rexedge.runtime.api import RexOmni
 
     path, options = model_spec(args, model_path)
-    return RexOmni(path, **options)
+    start = time.perf_counter()
+    model = RexOmni(path, **options)
+    print(f"loaded {path} ({options['backend']}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return model
 
 
 def model_spec(args: argparse.Namespace, model_path=None) -> tuple[Path, dict]:

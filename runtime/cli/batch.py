@@ -7,7 +7,7 @@ import sys
 
 from rexedge.runtime.cli import model_from_args, model_spec
 from rexedge.runtime.cli.options import parse_boxes, parse_categories
-from rexedge.runtime.pipelines.batch import BatchError, run_batch
+from rexedge.runtime.pipelines.batch import BatchError, plan_batch, run_plan
 
 
 def batch_command(args: argparse.Namespace) -> None:
@@ -27,5 +27,6 @@ def batch_command(args: argparse.Namespace) -> None:
         unused = [f"--{key.replace('_', '-')}" for key, value in ray_options.items() if value is not None]
         if unused:
             raise BatchError(f"{', '.join(unused)}: options of a Ray run; add --ray")
-        summary = run_batch(model_from_args(args), args.inputs, args.out, **options)
+        plan = plan_batch(args.inputs, args.out, **options)   # every check before the model loads
+        summary = run_plan(model_from_args(args), plan)
     print(summary, file=sys.stderr)

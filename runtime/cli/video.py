@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from rexedge.runtime.cli.options import parse_boxes, parse_categories
-from rexedge.runtime.pipelines.stream import StreamError, StreamResult, import_cv2
+from rexedge.runtime.pipelines.stream import StreamError, StreamResult, check_video_file, import_cv2, is_video_file
 from rexedge.runtime.results.result import Result
 
 # the annotated video's codec by file suffix (both ship with the PyPI OpenCV wheels)
@@ -66,16 +65,29 @@ class AnnotatedVideo:
             self._writer.release()
 
 
+def check_before_load(source: Any, args: argparse.Namespace) -> tuple[list[str] | None, list[list[float]] | None]:
+    """What can be refused without the model (a large one takes seconds to load): the request (its categories
+    and boxes are returned), the annotation file's suffix, a video file that does not exist (cameras, URLs and
+    pipelines are opened after the load)."""
+    from rexedge.runtime.cli import check_request
+
+    categories, boxes = check_request(args)
+    if args.annotate and Path(args.annotate).suffix.lower() not in FOURCC:
+        raise StreamError(f"--annotate: {args.annotate}: expected a {' or '.join(FOURCC)} file")
+    if is_video_file(source):
+        check_video_file(source)
+    return categories, boxes
+
+
 def video_command(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from rexedge.runtime.cli import model_from_args
 
     source: Any = int(args.input) if args.input.isdigit() else args.input
-    categories = parse_categories(args.categories) if args.categories is not None else None
-    boxes = parse_boxes(args.visual_prompt_boxes) if args.visual_prompt_boxes else None
     if args.max_frames is not None and args.max_frames < 1:
         raise StreamError(f"--max-frames: expected at least 1, got {args.max_frames}")
+    categories, boxes = check_before_load(source, args)
     model = model_from_args(args)
     stream = model.stream(source, args.task, categories, args.keypoint_type, boxes, live=args.live, every=args.every)
     with stream:

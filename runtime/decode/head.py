@@ -20,7 +20,7 @@ token is its probability under the softmax over the allowed rows after the penal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -173,13 +173,21 @@ class _OneBlasThread:
             setter(threads)
 
 
-class NumpyHead:
-    """Logits of allowed rows of the tied embedding, penalty, choice: one call per step."""
+# hidden [H] -> logits of every row [vocab] float32, in a buffer the callee reuses (the next call rewrites it)
+FullLogits = Callable[[np.ndarray], np.ndarray]
 
-    def __init__(self, embed_table: np.ndarray, sampling: Sampling) -> None:
+
+class NumpyHead:
+    """Logits of allowed rows of the tied embedding, penalty, choice: one call per step.
+
+    ``full_logits``: computes the full-vocabulary products instead of the float table (a weight-quantized
+    bundle's int8 head graph); the coordinate and listed rows still come from the table."""
+
+    def __init__(self, embed_table: np.ndarray, sampling: Sampling, full_logits: FullLogits | None = None) -> None:
         if embed_table.ndim != 2:
             raise ValueError(f"embed_table must be [vocab, hidden], got shape {embed_table.shape}")
         self.table = embed_table
+        self._full_logits = full_logits
         vocab = embed_table.shape[0]
         self.chooser = Chooser(vocab, sampling)
         self._logits = np.empty(vocab, dtype=np.float32)
@@ -207,8 +215,13 @@ class NumpyHead:
 
     def choose_full(self, hidden: np.ndarray, blocked: np.ndarray | None = None) -> tuple[int, float]:
         """Every row of the vocabulary (exact mode, and FREE steps), except the rows where `blocked` is True."""
-        logits, self._given = (self._logits, None) if self._given is None else (self._given, None)
-        if logits is self._logits:
+        given, self._given = self._given, None
+        if given is not None:
+            logits = given
+        elif self._full_logits is not None:
+            logits = self._full_logits(hidden)
+        else:
+            logits = self._logits
             np.dot(self.table, hidden, out=logits)
         self.chooser.penalize(logits, self.chooser.seen)
         if blocked is not None:

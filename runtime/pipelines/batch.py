@@ -181,6 +181,11 @@ def run_batch(model: RexOmni, inputs: str | os.PathLike | Sequence[str | os.Path
     """Run ``model`` on every input image, appending one JSON line per image to ``out``."""
     plan = plan_batch(inputs, out, task, categories, keypoint_type, visual_prompt_boxes, coco=coco,
                       category_ids=category_ids, image_ids=image_ids)
+    return run_plan(model, plan, progress)
+
+
+def run_plan(model: RexOmni, plan: BatchPlan, progress: bool = True) -> BatchSummary:
+    """Run a plan of :func:`plan_batch` (made before the model loaded, so a bad request costs no load)."""
     todo, request = plan.todo, plan.request
     with open(plan.out, "a", encoding="utf-8") as sink, \
             ThreadPoolExecutor(1, thread_name_prefix="rexedge-batch") as pool, \

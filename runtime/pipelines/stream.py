@@ -148,6 +148,23 @@ def open_source(source: Any, live: bool | None = None, every: int = 1,
     return source_obj
 
 
+def is_video_file(source: Any) -> bool:
+    """Whether an OpenCV source names a file (not a camera index, URL or GStreamer pipeline)."""
+    if isinstance(source, int):
+        return False
+    text = os.fspath(source)
+    return "!" not in text and "://" not in text
+
+
+def check_video_file(text: str) -> None:
+    """A video file's path must name an existing file (checked before opening, and before a model loads)."""
+    path = Path(text)
+    if not path.exists():
+        raise StreamError(f"{text}: no such video file (for a camera pass its index as an int)")
+    if path.is_dir():
+        raise StreamError(f"{text}: is a directory, expected a video file")
+
+
 def _open_capture(source: str | os.PathLike | int) -> tuple[Any, str]:
     cv2 = import_cv2()
     if isinstance(source, int):
@@ -162,11 +179,7 @@ def _open_capture(source: str | os.PathLike | int) -> tuple[Any, str]:
         elif "://" in text:
             capture, kind = cv2.VideoCapture(text), "url"
         else:
-            path = Path(text)
-            if not path.exists():
-                raise StreamError(f"{text}: no such video file (for a camera pass its index as an int)")
-            if path.is_dir():
-                raise StreamError(f"{text}: is a directory, expected a video file")
+            check_video_file(text)
             capture, kind = cv2.VideoCapture(text), "file"
         what = text
     if not capture.isOpened():
