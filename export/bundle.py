@@ -9,10 +9,15 @@ linear weights transposed to [in, out] for MatMul. Only then are the two graphs 
 memory. Everything is written into ``BUNDLE.partial`` and renamed at the end: a failed
 export never leaves something that looks like a bundle. The layout and manifest are
 described in :mod:`rexedge.runtime.bundle`.
+
+An AutoAWQ checkpoint (:mod:`rexedge.runtime.model.awq`) exports to an int4 bundle: the decoder's
+AWQ layers keep their integers, zero points and scales, repacked for the graph
+(:meth:`rexedge.export.onnx.nbits.NBitsWeights.repack`), never re-quantized.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from rexedge.export.onnx.blocked_dq import BlockedDQWeights
 from rexedge.export.onnx.decoder import BATCH, FLAVOURS, KV_CAPACITY, PAST, PRESENT, TOKENS, build_decoder_graph
 from rexedge.export.onnx.graph import ExternalData
 from rexedge.export.onnx.head import build_head_graph, quantize_head
@@ -33,6 +39,7 @@ from rexedge.runtime.backends.base import DEFAULT_MAX_CONTEXT
 from rexedge.runtime.bundle import seal_manifest, staged_bundle
 from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.model.awq import AwqSettings, AwqWeight
 from rexedge.runtime.model.checkpoint import EMBED, expected_tensor_shapes, iter_checkpoint_tensors, open_checkpoint
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS
 from rexedge.runtime.request.tokenizer import Tokenizer
@@ -115,10 +122,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     norms, softmax and the head table stay float32). ``flavour`` selects how the graphs
     express attention and the KV cache (see :mod:`rexedge.export.onnx.decoder` and
     :mod:`rexedge.export.onnx.vision`). ``weights`` "int4" or "int8" quantizes the decoder's
-    linear weights as MatMulNBits (ort flavour, fp32 activations; see
-    :mod:`rexedge.export.onnx.nbits`) and adds the int8 full-vocabulary head graph
-    (:mod:`rexedge.export.onnx.head`), None keeps them in the precision; ``nbits_options``
+    linear weights (fp32 activations) as MatMulNBits in the ort flavour (see
+    :mod:`rexedge.export.onnx.nbits`), with the int8 full-vocabulary head graph
+    (:mod:`rexedge.export.onnx.head`), as blocked DequantizeLinear + MatMul in the trt flavour (int4
+    only, see :mod:`rexedge.export.onnx.blocked_dq`), None keeps them in the precision; ``nbits_options``
     overrides :class:`~rexedge.export.onnx.nbits.NBitsWeights`' block settings (tests, measurements).
+    An AWQ checkpoint gives int4 weights whatever ``weights`` is None or "int4": its own (module docstring).
     """
     import torch
     from tqdm import tqdm
@@ -127,17 +136,12 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         raise ExportError(f"precision {precision!r}: expected one of {list(schema.PRECISIONS)}")
     if flavour not in FLAVOURS:
         raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
-    nbits = None
-    if weights is not None:
-        if weights not in schema.WEIGHT_FORMATS:
-            raise ExportError(f"weights {weights!r}: expected one of {list(schema.WEIGHT_FORMATS)} (or none: float)")
-        if flavour != "ort" or precision != "fp32":
-            raise ExportError(f"weights {weights!r} is for the ort flavour with fp32 activations, not flavour "
-                              f"{flavour!r} with {precision!r}")
-        nbits = NBitsWeights(weights, **(nbits_options or {}))
+    if weights is not None and weights not in schema.WEIGHT_FORMATS:
+        raise ExportError(f"weights {weights!r}: expected one of {list(schema.WEIGHT_FORMATS)} (or none: float)")
     checkpoint, out = Path(checkpoint), Path(out)
     opened = open_checkpoint(checkpoint)
     cfg = opened.config
+    nbits = _weight_format(weights, precision, flavour, nbits_options, opened.awq, checkpoint)
     if not cfg.tie_word_embeddings:
         raise ExportError(f"{checkpoint / 'config.json'}: tie_word_embeddings is false; bundles hold one table for "
                           f"the input embedding and the head, so only tied checkpoints can be exported")
@@ -147,16 +151,26 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         np_dtype = np.float16 if precision == "fp16" else np.float32
         vision_data = ExternalData(staging / (schema.VISION_FILE + schema.DATA_SUFFIX))
         decoder_data = ExternalData(staging / (schema.DECODER_FILE + schema.DATA_SUFFIX))
-        head_data = ExternalData(staging / (schema.HEAD_GRAPH_FILE + schema.DATA_SUFFIX)) if nbits is not None else None
+        # the head graph is ONNX Runtime's MatMulNBits: the ort flavour's (TensorRT bundles keep the float table)
+        head_data = (ExternalData(staging / (schema.HEAD_GRAPH_FILE + schema.DATA_SUFFIX))
+                     if nbits is not None and flavour == "ort" else None)
         head_nbits = None
         total = len(expected_tensor_shapes(cfg))
         with tqdm(total=total, desc="export: weights", unit="tensor", disable=not progress) as bar:
-            for name, tensor, file in iter_checkpoint_tensors(checkpoint, dtype=torch.float32):
+            for name, tensor, file in iter_checkpoint_tensors(checkpoint, dtype=torch.float32, awq_packed=True):
                 bar.update()
+                if isinstance(tensor, AwqWeight):
+                    if nbits is not None and nbits.applies_to(name):
+                        q, zeros = tensor.unpack()
+                        scales = tensor.scales.float().numpy()   # fp16 in AutoAWQ files: exact in float32
+                        for part, packed in nbits.repack(name, q.numpy(), zeros.numpy(), scales).items():
+                            decoder_data.add(part, packed, nbits.packed_as(part))
+                        continue
+                    tensor = tensor.dequantize(torch.float32)   # an AWQ layer outside the decoder's linear layers
                 array = tensor.numpy()
                 if name == EMBED:
                     np.save(staging / schema.HEAD_FILE, array)
-                    if nbits is not None:
+                    if head_data is not None:
                         head_nbits, head_arrays = quantize_head(array)
                         for part, packed in head_arrays.items():
                             head_data.add(part, packed)
@@ -168,7 +182,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                                       f"inf); export with --dtype fp32")
                 if nbits is not None and nbits.applies_to(name):
                     for part, packed in nbits.quantize(name, stored).items():
-                        decoder_data.add(part, packed)
+                        decoder_data.add(part, packed, nbits.packed_as(part))
                     continue
                 (vision_data if name.startswith("visual.") else decoder_data).add(name, stored)
         for data in (vision_data, decoder_data, head_data):
@@ -219,10 +233,38 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     return out
 
 
+def _weight_format(weights: str | None, precision: str, flavour: str, options: Mapping[str, Any] | None,
+                   awq: AwqSettings | None, checkpoint: Path) -> NBitsWeights | None:
+    """The decoder's quantized-weight format, or None for float weights; refuses what cannot be exported."""
+    options = dict(options or {})
+    if awq is not None:
+        if weights not in (None, "int4"):
+            raise ExportError(f"{checkpoint} is an AWQ 4-bit checkpoint: its bundle keeps those int4 weights; "
+                              f"weights {weights!r} would re-quantize them (export it without --weights)")
+        fixed = {"block_size": awq.group_size, "symmetric": False}
+        clash = {k: v for k, v in options.items() if k in fixed and v != fixed[k]}
+        if clash:
+            raise ExportError(f"{checkpoint} is an AWQ checkpoint with group_size {awq.group_size} and zero points; "
+                              f"{clash} would not be its weights")
+        weights = "int4"
+        options.update(fixed, origin="awq")
+    if weights is None:
+        return None
+    if precision != "fp32":
+        raise ExportError(f"weights {weights!r} is for fp32 activations, not {precision!r}")
+    if flavour == "ort":
+        return NBitsWeights(weights, **options)
+    if weights != "int4":
+        raise ExportError(f"weights {weights!r} with flavour {flavour!r}: TensorRT's weight-only form (blocked "
+                          f"DequantizeLinear) takes INT4 blocks only; use --weights int4 or the ort flavour")
+    return BlockedDQWeights(weights, **options)
+
+
 def export_command(args: Any) -> None:
     """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--weights int4|int8] [--quiet]``."""
     path = export_bundle(args.checkpoint, args.out, precision=args.dtype, flavour=args.flavour,
                          progress=not args.quiet, weights=args.weights)
     size = sum(p.stat().st_size for p in path.iterdir())
-    quantized = f", {args.weights} decoder weights" if args.weights else ""
+    entry = json.loads((path / schema.MANIFEST).read_text())[schema.GRAPHS][schema.DECODER].get(schema.WEIGHTS)
+    quantized = f", {entry['format']} decoder weights ({entry['origin']})" if entry else ""
     print(f"wrote a {args.dtype} bundle ({args.flavour} decoder{quantized}, {size / 2**20:.1f} MiB) to {path}")

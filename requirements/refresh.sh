@@ -12,6 +12,7 @@ trap 'rm -rf "$venv"' EXIT
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q torch==2.13.0
 "$venv/bin/pip" install -q -e "$repo[dev]"
+"$venv/bin/pip" install -q --no-deps autoawq accelerate   # the AWQ tests' reference packer (README)
 {
   echo "# The test environment (README's test command installs with -c this file), Python 3.11, CPU."
   echo "# Made by requirements/refresh.sh on $(date -u +%Y-%m-%d); do not edit by hand."

@@ -98,7 +98,9 @@ def graph_entry(file: str, data: str | None, inputs: list[dict[str, Any]], outpu
 
 
 def weights_entry(fmt: str, op: str, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
-                  quantized: list[str]) -> dict[str, Any]:
-    """A graph's ``weights``: format ("int4" / "int8"), the operator and its block settings, the quantized tensors."""
+                  quantized: list[str], origin: str) -> dict[str, Any]:
+    """A graph's ``weights``: format ("int4" / "int8"), the operator and its block settings, the quantized
+    tensors, and ``origin``: who chose the integers ("onnxruntime": its quantizer at export; "awq": the
+    checkpoint's AutoAWQ integers, repacked)."""
     return {"format": fmt, "op": op, "bits": bits, "block_size": block_size, "symmetric": symmetric,
-            "accuracy_level": accuracy_level, "quantized": quantized}
+            "accuracy_level": accuracy_level, "quantized": quantized, "origin": origin}

@@ -203,9 +203,9 @@ def test_structured_decoding_on_an_int4_bundle_is_grammatical(bundles: dict) -> 
 def test_bad_weights_are_refused_early(tiny_checkpoint: Path, tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"weights 'int3': expected one of \['int4', 'int8'\]"):
         export_bundle(tiny_checkpoint, tmp_path / "a", weights="int3", progress=False)
-    with pytest.raises(ExportError, match="ort flavour with fp32"):
-        export_bundle(tiny_checkpoint, tmp_path / "b", weights="int4", flavour="trt", progress=False)
-    with pytest.raises(ExportError, match="ort flavour with fp32"):
+    with pytest.raises(ExportError, match="weights 'int8' with flavour 'trt': TensorRT's weight-only form"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", weights="int8", flavour="trt", progress=False)
+    with pytest.raises(ExportError, match="is for fp32 activations, not 'fp16'"):
         export_bundle(tiny_checkpoint, tmp_path / "c", weights="int8", precision="fp16", progress=False)
     assert not any(tmp_path.iterdir())   # refused before anything was written
     cli = subprocess.run([sys.executable, "-P", "-m", "rexedge.runtime.cli", "export", str(tiny_checkpoint),

@@ -98,9 +98,20 @@ def test_each_restriction_is_enforced() -> None:
     unknown = _model([helper.make_node("NonMaxSuppression", ["f", "f"], ["out"], name="nms")], [f], [out])
     assert _reasons(unknown)[0].startswith("node 'nms' (NonMaxSuppression): operator NonMaxSuppression is not "
                                            "supported by TensorRT 10.3")
-    newer = _model([helper.make_node("Relu", ["f"], ["out"], name="r")], [f], [out], opset=21)
-    assert _reasons(newer) == ["node '<model>' (opset_import): default-domain opset 21; TensorRT 10.3 parses "
-                               "opsets 9..20"]
+    newer = _model([helper.make_node("Relu", ["f"], ["out"], name="r")], [f], [out], opset=22)
+    assert _reasons(newer) == ["node '<model>' (opset_import): default-domain opset 22; TensorRT 10.3 parses "
+                               "opsets 9..21"]
+
+    # blocked scales (opset 21) for INT4 only: INT8 weights take per-tensor or per-channel scales
+    blocked = {}
+    for elem in (TensorProto.INT8, TensorProto.INT4):
+        w = helper.make_tensor("w", elem, [4, 2], [1, -2, 3, -4, 5, -6, 7, 0])
+        block_scale = numpy_helper.from_array(np.full((2, 2), 0.5, np.float32), "s")
+        blocked[elem] = _model([helper.make_node("DequantizeLinear", ["w", "s"], ["out"], name="dq", axis=0,
+                                                 block_size=2)], [], [out], [w, block_scale], opset=21)
+    assert _reasons(blocked[TensorProto.INT8]) == ["node 'dq' (DequantizeLinear): blocked quantization (block_size "
+                                                   "2) of INT8; TensorRT blocks INT4 only"]
+    assert _reasons(blocked[TensorProto.INT4]) == []
 
 
 def test_support_list_says_where_it_came_from() -> None:

@@ -36,6 +36,7 @@ from onnx import TensorProto
 
 from rexedge.export.onnx.graph import (
     MS_DOMAIN,
+    OPSET,
     GraphBuilder,
     inverse_frequencies,
     linear,
@@ -165,14 +166,13 @@ def build_decoder_graph(cfg: RexOmniConfig, weights: dict[str, onnx.TensorProto]
                         flavour: str = "ort", nbits: NBitsWeights | None = None) -> onnx.ModelProto:
     """The decoder graph over already-written weights (published names, linear weights [in, out]).
 
-    ``nbits``: the linear weights it quantized are MatMulNBits nodes (ort flavour only)."""
+    ``nbits``: the linear weights it quantized are its nodes (MatMulNBits in the ort flavour, blocked
+    DequantizeLinear + MatMul in the trt flavour: :mod:`rexedge.export.onnx.blocked_dq`)."""
     fl = _flavour(flavour)
-    if nbits is not None and flavour != "ort":
-        raise ValueError(f"MatMulNBits weights are for the ort flavour, not {flavour!r}")
     fp16 = precision == "fp16"
     elem = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
     nh, kvh, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    g = GraphBuilder(f"rexedge_decoder_{flavour}", weights)
+    g = GraphBuilder(f"rexedge_decoder_{flavour}", weights, opset=nbits.opset if nbits is not None else OPSET)
 
     g.input(schema.INPUTS_EMBEDS, TensorProto.FLOAT, [BATCH, TOKENS, cfg.hidden_size])
     g.input(schema.POSITION_IDS, TensorProto.INT64, [3, BATCH, TOKENS])

@@ -25,8 +25,10 @@ if TYPE_CHECKING:
     from rexedge.export.onnx.nbits import NBitsWeights
 
 # The default domain's opset. 17 keeps ReduceMean's axes an attribute and is what
-# TensorRT 8.6+ parses; nothing newer is needed.
+# TensorRT 8.6+ parses; nothing newer is needed, except by the trt flavour's INT4 weights:
+# DequantizeLinear takes INT4 and blocked scales from opset 21 (IR version 10) on.
 OPSET = 17
+_IR_VERSION = {17: 8, 21: 10}   # 8: readable by every onnxruntime >= 1.14 and TensorRT 8.6+
 MS_DOMAIN = "com.microsoft"
 
 ONNX_DTYPE: dict[np.dtype, int] = {
@@ -37,6 +39,8 @@ ONNX_DTYPE: dict[np.dtype, int] = {
     np.dtype(np.bool_): TensorProto.BOOL,
     np.dtype(np.uint8): TensorProto.UINT8,   # MatMulNBits' packed weights and zero points
 }
+# element types stored packed, two per byte (the caller hands over the bytes and the shape)
+_PACKED_TYPES = (TensorProto.INT4,)
 
 # ONNX Runtime memory-maps external data whose offset is a multiple of the page size.
 _ALIGNMENT = 4096
@@ -51,9 +55,13 @@ class ExternalData:
         self._offset = 0
         self.tensors: dict[str, TensorProto] = {}
 
-    def add(self, name: str, array: np.ndarray) -> None:
+    def add(self, name: str, array: np.ndarray, packed_as: tuple[int, Sequence[int]] | None = None) -> None:
+        """Append ``array`` as initializer ``name``; ``packed_as`` (element type, shape): ``array`` holds the
+        bytes of a packed type (INT4: two per byte, the first in the low bits, in ONNX's raw layout)."""
         if name in self.tensors:
             raise ValueError(f"initializer {name!r} written twice")
+        if packed_as is not None and (packed_as[0] not in _PACKED_TYPES or array.dtype != np.uint8):
+            raise ValueError(f"initializer {name!r}: packed bytes (uint8) of one of {_PACKED_TYPES} expected")
         array = np.ascontiguousarray(array)
         pad = -self._offset % _ALIGNMENT
         if pad:
@@ -63,8 +71,9 @@ class ExternalData:
         self._file.write(data)
         tensor = TensorProto()
         tensor.name = name
-        tensor.data_type = ONNX_DTYPE[array.dtype]
-        tensor.dims.extend(array.shape)
+        elem_type, shape = packed_as or (ONNX_DTYPE[array.dtype], array.shape)
+        tensor.data_type = elem_type
+        tensor.dims.extend(shape)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", str(self._offset)), ("length", str(len(data)))):
             entry = tensor.external_data.add()
@@ -79,8 +88,11 @@ class ExternalData:
 class GraphBuilder:
     """Collects nodes, inputs, outputs and initializers; names every intermediate uniquely."""
 
-    def __init__(self, name: str, weights: dict[str, TensorProto]) -> None:
+    def __init__(self, name: str, weights: dict[str, TensorProto], opset: int = OPSET) -> None:
+        if opset not in _IR_VERSION:
+            raise ValueError(f"opset {opset}: expected one of {sorted(_IR_VERSION)}")
         self.name = name
+        self.opset = opset
         self._weights = weights
         self._used_weights: dict[str, TensorProto] = {}
         self._constants: list[TensorProto] = []
@@ -145,9 +157,9 @@ class GraphBuilder:
         graph = helper.make_graph(self._nodes, self.name, self._inputs, self._outputs,
                                   initializer=self._constants + list(self._used_weights.values()),
                                   value_info=self._value_info)
-        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
+        opsets = [helper.make_opsetid("", self.opset)] + [helper.make_opsetid(d, v) for d, v in extra_opsets]
         model = helper.make_model(graph, opset_imports=opsets, producer_name="rexedge", doc_string=doc)
-        model.ir_version = 8  # readable by every onnxruntime >= 1.14 and TensorRT 8.6+
+        model.ir_version = _IR_VERSION[self.opset]
         return model
 
 
@@ -172,7 +184,11 @@ def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float, compute_fp16: boo
     SimplifiedLayerNormalization kernel while the graph stays standard ONNX.
     """
     x32 = g.op("Cast", x, to=TensorProto.FLOAT) if compute_fp16 else x
-    variance = g.op("ReduceMean", g.op("Pow", x32, g.const(np.float32(2.0))), axes=[-1], keepdims=1)
+    squares = g.op("Pow", x32, g.const(np.float32(2.0)))
+    if g.opset >= 18:   # ReduceMean's axes became an input
+        variance = g.op("ReduceMean", squares, g.const([-1], dtype=np.int64), keepdims=1)
+    else:
+        variance = g.op("ReduceMean", squares, axes=[-1], keepdims=1)
     normed = g.op("Div", x32, g.op("Sqrt", g.op("Add", variance, g.const(np.float32(eps)))), hint="rms")
     if compute_fp16:
         normed = g.op("Cast", normed, to=TensorProto.FLOAT16)

@@ -4,7 +4,7 @@ TensorRT cannot be installed on every machine that exports or tests a bundle, so
 check reads the graph with ``onnx`` only and compares every node with the parser's
 support list kept as data in ``onnx_ops.json`` (operator -> supported tensor types,
 which inputs those types apply to, inputs that must be constants or zero, attribute
-values; ``source`` there says where it came from). Checked per node: the domain (only
+values, the types a blocked quantization takes; ``source`` there says where it came from). Checked per node: the domain (only
 the default ONNX domain; contrib operators such as com.microsoft GroupQueryAttention
 would need a TensorRT plugin), the opset, the operator, its attributes, and the element
 type of each input (from the graph's declarations and ONNX shape inference).
@@ -103,6 +103,12 @@ def _check_node(node: onnx.NodeProto, graph: _Graph, support: Mapping[str, Any],
             value = value.decode()
         if value not in allowed:
             reasons.append(f"attribute {attr.name}={value!r} is not supported (TensorRT takes {allowed})")
+    blocked = spec.get("blocked_types")
+    block_size = next((a.i for a in node.attribute if a.name == "block_size"), 0)
+    if blocked is not None and block_size and node.input[0] in graph.types \
+            and _type_name(graph.types[node.input[0]]) not in blocked:
+        reasons.append(f"blocked quantization (block_size {block_size}) of {_type_name(graph.types[node.input[0]])}; "
+                       f"TensorRT blocks {', '.join(blocked)} only")
     typed = spec.get("typed_inputs")
     for index, name in enumerate(node.input):
         if not name:

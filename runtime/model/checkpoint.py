@@ -15,6 +15,11 @@ stored anyway (older exporters did) is accepted only if it equals
 ``model.embed_tokens.weight`` bit for bit, and is then skipped: a different head would
 be silently ignored by a tied model, so it is an error that points at the config flag.
 
+A checkpoint quantized with AutoAWQ (``quantization_config`` in config.json, see
+:mod:`rexedge.runtime.model.awq`) is read too: each quantized layer's ``qweight`` / ``qzeros`` /
+``scales`` stand for its ``.weight``, which is dequantized as it is read, or handed over packed
+(``awq_packed=True``, for the exporter, which repacks the integers without re-quantizing).
+
 Memory: tensors are read one at a time with the ``pread`` backend of safetensors, straight
 into memory the caller then owns. Unlike a memory map this does not keep the shard's
 pages mapped into the process (they would count against its resident set next to the
@@ -35,6 +40,15 @@ from safetensors import SafetensorError, safe_open
 
 from rexedge.runtime.config import ConfigError, RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.model.awq import (
+    PARTS,
+    QUANTIZATION_CONFIG,
+    QWEIGHT,
+    QZEROS,
+    AwqSettings,
+    AwqWeight,
+    awq_settings,
+)
 
 if TYPE_CHECKING:
     from rexedge.runtime.model.compact import RexOmniModel
@@ -45,6 +59,8 @@ CONFIG_FILE = "config.json"
 
 # safetensors dtype codes the model can be stored in
 STORED_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# and the packed integers of an AWQ layer
+PACKED_DTYPES: dict[str, torch.dtype] = {"I32": torch.int32}
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,13 +141,18 @@ def expected_tensor_shapes(cfg: RexOmniConfig) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """Where one tensor lives: its published name, the name in the file, the file, shape and dtype."""
+    """Where one tensor lives: its published name, the name in the file, the file, shape and dtype.
+
+    An AWQ layer's weight is stored as three tensors (``awq``: qweight, qzeros, scales); it is then
+    listed under the weight's published name with the weight's shape [out, in], the scales' dtype,
+    and the qweight's file and stored name."""
 
     name: str
     stored_name: str
     file: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
+    awq: tuple[StoredTensor, StoredTensor, StoredTensor] | None = None
 
 
 def _names(names: Sequence[str]) -> str:
@@ -160,6 +181,7 @@ class Checkpoint:
     index_file: Path | None
     shard_files: tuple[Path, ...]
     tensors: Mapping[str, StoredTensor]
+    awq: AwqSettings | None = None
 
     @property
     def weight_files_label(self) -> str:
@@ -212,11 +234,14 @@ class Checkpoint:
                         f"{embed.file}, but {self.directory / CONFIG_FILE} sets tie_word_embeddings: true, which "
                         f"would ignore it; set tie_word_embeddings to false to use the separate head")
 
-    def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    def iter_tensors(self, dtype: torch.dtype | None = None, awq_packed: bool = False,
+                     ) -> Iterator[tuple[str, torch.Tensor | AwqWeight, Path]]:
         """Yield ``(published_name, tensor, file)`` one tensor at a time, shard by shard in storage order.
 
         ``dtype`` converts each tensor as it is read (None keeps the stored dtype). A tied
-        duplicate head is checked against the embedding and not yielded.
+        duplicate head is checked against the embedding and not yielded. An AWQ layer's weight
+        is yielded dequantized (in ``dtype``, else its scales' dtype), or with ``awq_packed`` as
+        the :class:`~rexedge.runtime.model.awq.AwqWeight` it is stored as.
         """
         self.check_tied_head()
         skip_head = self.config.tie_word_embeddings
@@ -232,8 +257,24 @@ class Checkpoint:
                     t = wanted.get(stored_name)
                     if t is None:
                         continue
+                    if t.awq is not None:
+                        packed = self._read_awq(t.awq, f)
+                        yield t.name, (packed if awq_packed else packed.dequantize(dtype or t.dtype)), file
+                        continue
                     tensor = f.get_tensor(stored_name)
                     yield t.name, (tensor if dtype is None else tensor.to(dtype)), file
+
+    def _read_awq(self, parts: tuple[StoredTensor, ...], opened: safe_open) -> AwqWeight:
+        """The three tensors of an AWQ layer; ``opened`` is the qweight's shard (the others may lie elsewhere)."""
+        tensors = []
+        for part in parts:
+            if part.file == parts[0].file:
+                tensors.append(opened.get_tensor(part.stored_name))
+            else:
+                with _open_shard(part.file) as other:
+                    tensors.append(other.get_tensor(part.stored_name))
+        assert self.awq is not None
+        return AwqWeight(*tensors, group_size=self.awq.group_size)
 
     def digest(self) -> str:
         """sha256 identifying this checkpoint: config.json, the index (if any) and every shard, streamed."""
@@ -269,11 +310,12 @@ def _scan_file(file: Path, stored_names: Sequence[str] | None, source: Path) -> 
                 raise CheckpointError(f"{source} maps tensor {stored_name!r} to {file.name}, which does not contain it")
             view = f.get_slice(stored_name)
             code = view.get_dtype()
-            if code not in STORED_DTYPES:
+            dtypes = PACKED_DTYPES if stored_name.endswith((QWEIGHT, QZEROS)) else STORED_DTYPES
+            if code not in dtypes:
                 raise CheckpointError(
-                    f"tensor {stored_name!r} in {file} is stored as {code}; expected one of {sorted(STORED_DTYPES)}")
+                    f"tensor {stored_name!r} in {file} is stored as {code}; expected one of {sorted(dtypes)}")
             found.append(StoredTensor(published_name(stored_name), stored_name, file, tuple(view.get_shape()),
-                                      STORED_DTYPES[code]))
+                                      dtypes[code]))
     return found
 
 
@@ -288,6 +330,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         config = RexOmniConfig.from_json(directory / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
+    # before any shard is opened: a quantization rexedge cannot read exactly is refused here
+    awq = awq_settings(config.extra.get(QUANTIZATION_CONFIG), str(directory / CONFIG_FILE))
 
     index_file: Path | None = directory / INDEX_FILE
     scanned: list[StoredTensor] = []
@@ -319,15 +363,53 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                 f"tensor {t.name!r} is stored twice: as {seen.stored_name!r} in {seen.file.name} and as "
                 f"{t.stored_name!r} in {t.file.name}")
         tensors[t.name] = t
-    return Checkpoint(directory, config, index_file, shard_files, tensors)
+    return Checkpoint(directory, config, index_file, shard_files, _group_awq(tensors, awq, directory), awq)
 
 
-def iter_checkpoint_tensors(path: str | Path, dtype: torch.dtype | None = None,
-                            ) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """Check a checkpoint against its config, then yield ``(published_name, tensor, file)`` one at a time."""
+def _group_awq(tensors: dict[str, StoredTensor], awq: AwqSettings | None, directory: Path) -> dict[str, StoredTensor]:
+    """Replace each AWQ layer's qweight / qzeros / scales by one entry for its weight (see :class:`StoredTensor`)."""
+    layers = [name[:-len(QWEIGHT)] for name in tensors if name.endswith(QWEIGHT)]
+    if awq is None:
+        if layers:
+            t = tensors[layers[0] + QWEIGHT]
+            raise CheckpointError(f"tensor {t.stored_name!r} in {t.file} is a quantized layer, but "
+                                  f"{directory / CONFIG_FILE} has no {QUANTIZATION_CONFIG}")
+        return tensors
+    grouped = dict(tensors)
+    for layer in layers:
+        missing = [layer + p for p in PARTS if layer + p not in tensors]
+        if missing:
+            raise CheckpointError(f"AWQ layer {layer!r} lacks tensor(s) {_names(missing)} in {directory}")
+        skipped = [m for m in awq.modules_to_not_convert if m in layer]
+        if skipped:
+            raise CheckpointError(f"AWQ layer {layer!r} is quantized, but {directory / CONFIG_FILE} lists "
+                                  f"{skipped[0]!r} in {QUANTIZATION_CONFIG}.modules_to_not_convert")
+        qweight, qzeros, scales = (grouped.pop(layer + p) for p in PARTS)
+        rows, cols = qweight.shape[0], scales.shape[-1] if scales.shape else 0
+        groups, pack = -(-rows // awq.group_size), 32 // awq.bits
+        for part, shape in ((qweight, (rows, cols // pack)), (qzeros, (groups, cols // pack)), (scales, (groups, cols))):
+            if part.shape != shape or rows % awq.group_size or cols % pack:
+                raise CheckpointError(
+                    f"tensor {part.stored_name!r} in {part.file} has shape {_shape(part.shape)}; AWQ layer {layer!r} "
+                    f"with scales {_shape(scales.shape)} and group_size {awq.group_size} needs qweight "
+                    f"[in, out/{pack}], qzeros [in/{awq.group_size}, out/{pack}], scales [in/{awq.group_size}, out] "
+                    f"with in a multiple of {awq.group_size} and out of {pack}")
+        if scales.dtype not in STORED_DTYPES.values():
+            raise CheckpointError(f"tensor {scales.stored_name!r} in {scales.file} is {scales.dtype}; AWQ scales "
+                                  f"are float")
+        name = layer + ".weight"
+        grouped[name] = StoredTensor(name, qweight.stored_name, qweight.file, (cols, rows), scales.dtype,
+                                     (qweight, qzeros, scales))
+    return grouped
+
+
+def iter_checkpoint_tensors(path: str | Path, dtype: torch.dtype | None = None, awq_packed: bool = False,
+                            ) -> Iterator[tuple[str, torch.Tensor | AwqWeight, Path]]:
+    """Check a checkpoint against its config, then yield ``(published_name, tensor, file)`` one at a time
+    (``awq_packed``: see :meth:`Checkpoint.iter_tensors`)."""
     checkpoint = open_checkpoint(path)
     checkpoint.check(expected_tensor_shapes(checkpoint.config))
-    yield from checkpoint.iter_tensors(dtype)
+    yield from checkpoint.iter_tensors(dtype, awq_packed)
 
 
 def checkpoint_digest(path: str | Path) -> str:
