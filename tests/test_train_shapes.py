@@ -10,13 +10,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from rexedge.runtime.model.checkpoint import load_model
-from rexedge.export.shapes.train import (
-    CHECKPOINT_DIR, LOG_FILE, STATE_FILE, TrainOptions, Trainer, coord_sigma, coordinate_embeddings, forward_loss, make_example, open_trainer, scene_seed, train)
 from rexedge.export.shapes.scenes import CATEGORIES, make_scene
-from rexedge.runtime.request.prompts import box_to_bins
+from rexedge.export.shapes.train import (
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    STATE_FILE,
+    Trainer,
+    TrainOptions,
+    coord_sigma,
+    coordinate_embeddings,
+    forward_loss,
+    make_example,
+    open_trainer,
+    scene_seed,
+    train,
+)
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.model.checkpoint import load_model
 from rexedge.runtime.request.preprocess import preprocess
+from rexedge.runtime.request.prompts import box_to_bins
 
 # 112 x 112 px (16 image tokens): quick, and still every scene of the domain
 TINY = TrainOptions(preset="tiny", batch_size=2, lr=3e-3, warmup_steps=1, decay_steps=100, curriculum_steps=2,

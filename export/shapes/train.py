@@ -41,12 +41,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rexedge.runtime.model.checkpoint import expected_tensor_shapes
-from rexedge.runtime.config import RexOmniConfig
-from rexedge.runtime.model.compact import KVCache, RexOmniModel, VisionIndices
-from rexedge.export.shapes.scenes import CATEGORIES, MAX_PIXELS, MAX_SHAPES, MIN_PIXELS, Scene, make_scene
 from rexedge.export.fixtures.tiny import write_checkpoint
+from rexedge.export.shapes.scenes import CATEGORIES, MAX_PIXELS, MAX_SHAPES, MIN_PIXELS, Scene, make_scene
+from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.model.checkpoint import expected_tensor_shapes
+from rexedge.runtime.model.compact import KVCache, RexOmniModel, VisionIndices
 from rexedge.runtime.request.positions import rope_positions
 from rexedge.runtime.request.preprocess import preprocess
 from rexedge.runtime.request.prompts import box_to_bins, build_task_prompt, encode_prompt
