@@ -23,6 +23,7 @@ from rexedge.export.shapes.train import (
     make_example,
     open_trainer,
     scene_seed,
+    shapes_tokenizer,
     train,
 )
 from rexedge.runtime.errors import RexEdgeError
@@ -218,3 +219,14 @@ def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) ->
     assert log[1] == '{"step": 2, "changed": {"box_weight": 0.5}}' and '"box_mae"' in log[2]
     # the readout it turned on is saved with the state and resumed with it
     assert torch.equal(open_trainer(tmp_path, TrainOptions()).dense["box"].weight, trainer.dense["box"].weight)
+
+
+def test_shapes_tokenizer_spells_each_category_in_two_whole_words(tmp_path: Path) -> None:
+    tokenizer = shapes_tokenizer(tmp_path)
+    for category in CATEGORIES:
+        ids = tokenizer.encode_text(category)
+        assert len(ids) == 2 and tokenizer.decode(ids) == category, (category, ids)
+        assert max(ids) < tokenizer.ids.coord_start  # ordinary text, not coordinate tokens
+    colour, shape = CATEGORIES[0].split(" ")
+    assert tokenizer.encode_text(category)[1] == tokenizer.encode_text(f"x {category.split(' ')[1]}")[1]
+    assert len(tokenizer.encode_text(f"Detect {colour} {shape}.")) == 4
