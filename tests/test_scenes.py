@@ -10,6 +10,7 @@ import pytest
 
 from rexedge.export.fixtures.tiny import write_tiny_checkpoint
 from rexedge.export.shapes.evaluate import (
+    EVAL_SEED,
     accuracy_table,
     average_precision,
     markdown_table,
@@ -17,6 +18,7 @@ from rexedge.export.shapes.evaluate import (
     ranking_quality,
     scene_matches,
     score_scene,
+    teacher_forced,
 )
 from rexedge.export.shapes.scenes import CATEGORIES, COLOURS, SceneError, make_scene
 from rexedge.runtime.request.tokenizer import Tokenizer
@@ -192,3 +194,13 @@ def test_accuracy_table_runs_every_setting(tmp_path: Path) -> None:
     # the two backends run the same float model: the same answers
     assert {k: v for k, v in rows[0].items() if k != "backend"} == {k: v for k, v in rows[2].items() if k != "backend"}
     assert markdown_table(rows).count("\n") == len(rows) + 1
+
+
+def test_teacher_forced_reads_every_category_and_box_slot(tmp_path: Path) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", "shapes", seed=5)
+    report = teacher_forced(checkpoint, scenes=3, min_pixels=16 * 28 * 28, max_pixels=16 * 28 * 28)
+    scenes = [make_scene(EVAL_SEED + i) for i in range(3)]
+    present = sum(len(s.categories) - len(s.absent) for s in scenes)
+    absent = sum(len(s.absent) for s in scenes)
+    assert report["present_right"].endswith(f"/{present}") and report["absent_right"].endswith(f"/{absent}")
+    assert all(0 <= error <= 999 for error in report["slot_error"].values())

@@ -143,6 +143,57 @@ def evaluate_bundle(bundle: str | Path, scenes: int = 50, backend: str = "ort", 
             "matched": matched, "predicted": predicted, "truth": truth, **ranking_quality(matches, truth)}
 
 
+def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = MIN_PIXELS,
+                   max_pixels: int = MAX_PIXELS, first_seed: int = EVAL_SEED) -> dict[str, Any]:
+    """Where a model stands, read off its answer to the true prefix (no decoding): at each
+    <|box_start|>, is a box (the coordinate rows' total probability) or "None" more likely, for
+    present and for absent categories; and per box slot (x0, y0, x1, y1), the mean distance in bins
+    between the expected bin and the true one (a model that only learned the prior: ~150-200 for
+    x0 / y0). Separates "cannot tell which category is where" from "cannot place the box"."""
+    import torch
+
+    from rexedge.export.shapes.train import make_example
+    from rexedge.runtime.model.checkpoint import load_model
+    from rexedge.runtime.model.compact import KVCache
+    from rexedge.runtime.request.tokenizer import Tokenizer
+
+    model = load_model(checkpoint, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_dir(Path(checkpoint))
+    ids, cfg = tokenizer.ids, model.config
+    coords = slice(ids.coord_start, ids.coord_start + ids.num_coords)
+    right = {"present": 0, "absent": 0}
+    count = {"present": 0, "absent": 0}
+    errors: list[list[float]] = [[], [], [], []]
+    with torch.no_grad():
+        for index in range(scenes):
+            example = make_example(make_scene(first_seed + index), tokenizer, cfg, min_pixels, max_pixels)
+            tokens = torch.from_numpy(example.input_ids)[None]
+            image = model.encode_image(example.pixel_patches, example.indices)
+            embeds = model.embed(tokens).masked_scatter((tokens == cfg.image_token_id)[..., None], image)
+            length = tokens.shape[1]
+            hidden = model.decode(embeds, torch.from_numpy(example.positions)[:, None], KVCache.allocate(cfg, 1, length),
+                                  torch.arange(length), kv_length=length)
+            probs = torch.softmax(model.logits(hidden[0]).float(), dim=-1)
+            answer = example.input_ids
+            slot = 0
+            for t in range(example.num_prompt - 1, length - 1):
+                target = int(answer[t + 1])
+                if answer[t] == ids.box_start:
+                    kind = "absent" if target == ids.none[0] else "present"
+                    box_mass, none_mass = float(probs[t, coords].sum()), float(probs[t, ids.none[0]])
+                    count[kind] += 1
+                    right[kind] += (box_mass > none_mass) == (kind == "present")
+                    slot = 0
+                if coords.start <= target < coords.stop:
+                    row = probs[t, coords]
+                    expected = float((row * torch.arange(ids.num_coords)).sum() / row.sum())
+                    errors[slot % 4].append(abs(expected - (target - coords.start)))
+                    slot += 1
+    return {"present_right": f"{right['present']}/{count['present']}", "absent_right": f"{right['absent']}/{count['absent']}",
+            "slot_error": {name: round(float(np.mean(e)), 1) if e else None
+                           for name, e in zip(("x0", "y0", "x1", "y1"), errors)}}
+
+
 def export_for_evaluation(checkpoint: str | Path, bundle: Path, weights: str = "float") -> Path:
     """Export ``checkpoint`` to ``bundle`` (replaced): fp32, decoder weights "float", "int8" or "int4"."""
     from rexedge.export.bundle import export_bundle
@@ -189,12 +240,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decoding", default="structured", choices=tuple(DECODINGS))
     parser.add_argument("--table", action="store_true",
                         help="a checkpoint's whole table: ort x float/int8/int4 and torch x float, every decoding mode")
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="a checkpoint's presence and per-slot coordinate error on the true prefix (no decoding)")
     parser.add_argument("--work", type=Path, default=Path("eval-shapes"), help="where a checkpoint's bundles go")
     parser.add_argument("--min-pixels", type=int, default=MIN_PIXELS)
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS)
     args = parser.parse_args(argv)
     pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     is_bundle = (args.model / MANIFEST).exists()
+    if args.teacher_forced:
+        if is_bundle:
+            parser.error(f"--teacher-forced: {args.model} is a bundle; give the checkpoint it was exported from")
+        print(json.dumps(teacher_forced(args.model, args.scenes, **pixels)))
+        return
     if args.table:
         if is_bundle:
             parser.error(f"--table: {args.model} is a bundle; give the checkpoint it was exported from")
