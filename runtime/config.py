@@ -291,22 +291,27 @@ PRESETS: dict[str, RexOmniConfig] = {
 }
 
 # The trained embedded default (rexedge.export.shapes.train): the "tiny" vocabulary, sized
-# for a few CPU hours of training on generated shapes. Position is what that task needs,
-# so the rotary is chosen to resolve image columns: in M-RoPE the width stream gets the
-# *lowest* frequencies (the last mrope_section entry), theta^(-i/(head_dim/2)) for the last
-# i. With head_dim 64, theta 100 and sections (4, 12, 16) the width frequencies run from
-# 0.1 down to 0.012 rad per column (heights 0.56 .. 0.12 per row), so one column turns the
-# width part by 10^2..10^4 times more than head_dim 32 / theta 1e6 / (4, 6, 6) did, while the
-# lowest frequency still turns only ~1 rad over 100 text tokens (text attention keeps a
-# near-constant component for content look-ups).
+# for a few CPU hours of training on generated shapes. The rotary must do two things at once.
+# In M-RoPE the frequencies are theta^(-i/(head_dim/2)) and the width stream takes the *last*
+# (lowest) ones, the height stream the ones before, the time stream the highest.
+# 1. Resolve image columns and rows: the decoder reads an image token's absolute (row, col)
+#    from its rotary offset to <|vision_start|>, so the width stream's highest frequency must
+#    turn visibly per column (head_dim 32 / theta 1e6 / (4, 6, 6), the first try: 1.8e-4 rad).
+# 2. Keep some nearly position-free dimensions for content look-ups over the ~100-250 tokens
+#    between the answer and the image ("where is the red circle?"): frequencies well under
+#    1/250 rad per token. theta 100 with (4, 12, 16) did 1 (width 0.1 .. 0.012 rad per column)
+#    but not 2: its lowest frequency turns ~3 rad over 250 tokens, and a run learned position,
+#    format and box sizes but never which category is where.
+# theta 1000 with (2, 8, 22): width 0.115 .. 0.0012 rad per column (0.3 rad over 250 tokens),
+# height 0.65 .. 0.14 rad per row.
 PRESETS["shapes"] = PRESETS["tiny"].replace(
     hidden_size=256,
     intermediate_size=512,
     num_hidden_layers=4,
     num_attention_heads=4,
     num_key_value_heads=2,
-    rope_theta=100.0,
-    mrope_section=(4, 12, 16),
+    rope_theta=1000.0,
+    mrope_section=(2, 8, 22),
     vision_depth=4,
     vision_hidden_size=128,
     vision_num_heads=2,

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from rexedge.export.shapes.evaluate import match_count, score_scene
-from rexedge.export.shapes.scenes import CATEGORIES, COLOURS, SceneError, make_scene
 from rexedge.export.fixtures.tiny import write_tiny_checkpoint
-from rexedge.runtime.results.parse import parse_prediction
+from rexedge.export.shapes.evaluate import (
+    EVAL_SEED,
+    accuracy_table,
+    average_precision,
+    markdown_table,
+    match_count,
+    ranking_quality,
+    scene_matches,
+    score_scene,
+    teacher_forced,
+)
+from rexedge.export.shapes.scenes import CATEGORIES, COLOURS, SceneError, make_scene
 from rexedge.runtime.request.tokenizer import Tokenizer
+from rexedge.runtime.results.parse import parse_prediction
 
 SEEDS = range(300, 420)
 
@@ -132,3 +144,63 @@ def test_scoring_counts_matches_once() -> None:
     assert score_scene(scene, shifted) == (1, 1, len(scene.shapes))
     wrong_name = {"purple circle": [{"type": "box", "coords": list(first.box)}]}
     assert score_scene(scene, wrong_name) == (0, 1, len(scene.shapes))
+
+
+def test_average_precision_by_hand() -> None:
+    # hits at ranks 1 and 3 of 3 true boxes: precisions 1 and 2/3 (the miss at rank 2 is lifted
+    # to 2/3 by the monotone envelope, but only hits add area): (1 + 2/3) / 3
+    assert average_precision([True, False, True], truth=3) == pytest.approx((1 + 2 / 3) / 3)
+    assert average_precision([True, True, False, False], truth=2) == 1.0
+    # a later hit at a higher precision lifts an earlier one: rank 3 (1/3) takes rank 4's 2/4
+    assert average_precision([False, False, True, True], truth=2) == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert average_precision([False, True, False, True, False], truth=4) == pytest.approx((0.5 + 0.5) / 4)
+    assert average_precision([], truth=3) == 0.0 and average_precision([True], truth=0) == 0.0
+
+
+def test_ranking_by_score_is_judged_against_random_rankings() -> None:
+    rng = np.random.default_rng(11)
+    flags = list(rng.random(37) < 0.4)
+    informative = [(float(f) + rng.random() * 0.5, bool(f)) for f in flags]  # every hit scores above every miss
+    misleading = [(-s, f) for s, f in informative]
+    truth = sum(flags) + 3
+    good, bad = ranking_quality(informative, truth), ranking_quality(misleading, truth)
+    assert good["ap"] == pytest.approx(sum(flags) / truth, abs=1e-4)  # all hits first: precision 1 at each
+    assert good["ap_random"] == bad["ap_random"]  # the same boxes, the same random rankings
+    assert bad["ap"] < good["ap_random"] < good["ap"]
+    with pytest.raises(ValueError, match="without a score"):
+        ranking_quality([(None, True)], 1)
+
+
+def test_scene_matches_pairs_each_box_with_its_score() -> None:
+    scene = next(s for s in map(make_scene, range(100)) if len({o.category for o in s.shapes}) >= 2)
+    first, second = scene.shapes[0], next(o for o in scene.shapes if o.category != scene.shapes[0].category)
+    detections = [{"phrase": first.category, "type": "box", "coords": list(first.box), "score": 0.9},
+                  {"phrase": first.category, "type": "box", "coords": list(first.box), "score": 0.8},
+                  {"phrase": second.category, "type": "point", "coords": [1.0, 2.0], "score": 0.7},
+                  {"phrase": second.category, "type": "box", "coords": list(second.box), "score": 0.2},
+                  {"phrase": "purple circle", "type": "box", "coords": list(second.box), "score": 0.6}]
+    # the duplicate and the unrequested phrase miss, the point is not a box
+    assert scene_matches(scene, detections) == [(0.9, True), (0.8, False), (0.2, True), (0.6, False)]
+
+
+def test_accuracy_table_runs_every_setting(tmp_path: Path) -> None:
+    write_tiny_checkpoint(tmp_path / "ckpt", "shapes", seed=3)
+    rows = accuracy_table(tmp_path / "ckpt", tmp_path / "work", scenes=2, weights=("float",),
+                          decodings=("exact", "constrained"), min_pixels=16 * 28 * 28, max_pixels=16 * 28 * 28)
+    assert [(r["backend"], r["weights"], r["mode"]) for r in rows] == [
+        ("ort", "float", "exact"), ("ort", "float", "constrained"), ("torch", "float", "exact"),
+        ("torch", "float", "constrained")]
+    assert all(r["truth"] == rows[0]["truth"] > 0 and 0 <= r["recall"] <= 1 for r in rows)
+    # the two backends run the same float model: the same answers
+    assert {k: v for k, v in rows[0].items() if k != "backend"} == {k: v for k, v in rows[2].items() if k != "backend"}
+    assert markdown_table(rows).count("\n") == len(rows) + 1
+
+
+def test_teacher_forced_reads_every_category_and_box_slot(tmp_path: Path) -> None:
+    checkpoint = write_tiny_checkpoint(tmp_path / "ckpt", "shapes", seed=5)
+    report = teacher_forced(checkpoint, scenes=3, min_pixels=16 * 28 * 28, max_pixels=16 * 28 * 28)
+    scenes = [make_scene(EVAL_SEED + i) for i in range(3)]
+    present = sum(len(s.categories) - len(s.absent) for s in scenes)
+    absent = sum(len(s.absent) for s in scenes)
+    assert report["present_right"].endswith(f"/{present}") and report["absent_right"].endswith(f"/{absent}")
+    assert all(0 <= error <= 999 for error in report["slot_error"].values())

@@ -3,18 +3,33 @@ and writes a checkpoint in the published layout."""
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from rexedge.runtime.model.checkpoint import load_model
+from rexedge.export.shapes.scenes import CATEGORIES, make_scene
 from rexedge.export.shapes.train import (
-    CHECKPOINT_DIR, STATE_FILE, TrainOptions, Trainer, coord_sigma, coordinate_embeddings, forward_loss, make_example, open_trainer, scene_seed, train)
-from rexedge.export.shapes.scenes import make_scene
+    CHECKPOINT_DIR,
+    LOG_FILE,
+    STATE_FILE,
+    Trainer,
+    TrainOptions,
+    coord_sigma,
+    coordinate_embeddings,
+    forward_loss,
+    make_example,
+    open_trainer,
+    scene_seed,
+    shapes_tokenizer,
+    train,
+)
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.model.checkpoint import load_model
 from rexedge.runtime.request.preprocess import preprocess
+from rexedge.runtime.request.prompts import box_to_bins
 
 # 112 x 112 px (16 image tokens): quick, and still every scene of the domain
 TINY = TrainOptions(preset="tiny", batch_size=2, lr=3e-3, warmup_steps=1, decay_steps=100, curriculum_steps=2,
@@ -146,3 +161,72 @@ def test_position_loss_targets_each_image_tokens_own_row_and_column(tmp_path: Pa
         _, untrained = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
                                     trainer.tokenizer.ids.endoftext, Twice(), 1.0)
     assert metrics["aux_mae"] < 5 < 100 < untrained["aux_mae"]
+
+
+def test_object_loss_targets_the_box_and_category_under_each_image_token(tmp_path: Path) -> None:
+    trainer = open_trainer(tmp_path, TrainOptions(preset="tiny", min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28))
+    o, model = trainer.options, trainer.model
+    scenes = [s for s in map(make_scene, range(2**41, 2**41 + 60)) if len(s.shapes) >= 3][:2] + [make_scene(7)]
+    examples = [make_example(s, trainer.tokenizer, trainer.cfg, o.min_pixels, o.max_pixels) for s in scenes]
+    coord_rows = model.head_weight[trainer.coord_start:trainer.coord_start + trainer.num_coords].detach()
+    # an oracle from the scene itself: the shape (smallest box wins) whose pixel box holds the
+    # centre of each merged cell of the preprocessed grid, in raster order
+    boxes, classes = [], []
+    for scene in scenes:
+        rows, cols = preprocess(scene.image, o.min_pixels, o.max_pixels, cfg=trainer.cfg).merged_grid_hw
+        width, height = scene.size
+        for k in range(rows * cols):
+            x, y = (k % cols + 0.5) / cols * width, (k // cols + 0.5) / rows * height
+            under = [s for s in scene.shapes if s.box[0] <= x <= s.box[2] and s.box[1] <= y <= s.box[3]]
+            shape = min(under, key=lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1]), default=None)
+            classes.append(CATEGORIES.index(shape.category) if shape else len(CATEGORIES))
+            if shape:
+                boxes.append(torch.stack([coord_rows[b] * 40 / coord_rows[b].pow(2).sum()
+                                          for b in box_to_bins(shape.box, scene.size)]).flatten())
+    assert len(boxes) > 10 and len(classes) - len(boxes) > 10
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, table: torch.Tensor) -> None:
+            super().__init__()
+            self.table = table
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            assert hidden.shape[0] == self.table.shape[0]
+            return self.table
+
+    oracle = torch.nn.ModuleDict({"box": Oracle(torch.stack(boxes)),
+                                  "category": Oracle(torch.nn.functional.one_hot(torch.tensor(classes)) * 50.0)})
+    with torch.no_grad():
+        _, metrics = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
+                                  trainer.tokenizer.ids.endoftext, dense=oracle, box_weight=1.0, class_weight=1.0)
+        fresh = Trainer(TrainOptions(preset="tiny", box_weight=1.0, class_weight=1.0), trainer.tokenizer).dense
+        _, untrained = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
+                                    trainer.tokenizer.ids.endoftext, dense=fresh, box_weight=1.0, class_weight=1.0)
+    assert metrics["class_acc"] == 1.0 and untrained["class_acc"] < 0.9
+    assert metrics["box_mae"] < 5 < 100 < untrained["box_mae"]
+
+
+def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) -> None:
+    train(tmp_path, steps=2, options=TINY, log_every=2)
+    before = torch.load(tmp_path / STATE_FILE, weights_only=False)["model"]
+    trainer = open_trainer(tmp_path, TrainOptions(), changes={"box_weight": 0.5, "lr": 1e-4})
+    assert trainer.step == 2 and trainer.dense is not None
+    assert trainer.options == dataclasses.replace(TINY, box_weight=0.5, lr=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    trainer = train(tmp_path, steps=3, options=TrainOptions(), log_every=1, changes={"box_weight": 0.5})
+    assert trainer.options.box_weight == 0.5 and trainer.step == 3
+    log = (tmp_path / LOG_FILE).read_text().splitlines()
+    assert log[1] == '{"step": 2, "changed": {"box_weight": 0.5}}' and '"box_mae"' in log[2]
+    # the readout it turned on is saved with the state and resumed with it
+    assert torch.equal(open_trainer(tmp_path, TrainOptions()).dense["box"].weight, trainer.dense["box"].weight)
+
+
+def test_shapes_tokenizer_spells_each_category_in_two_whole_words(tmp_path: Path) -> None:
+    tokenizer = shapes_tokenizer(tmp_path)
+    for category in CATEGORIES:
+        ids = tokenizer.encode_text(category)
+        assert len(ids) == 2 and tokenizer.decode(ids) == category, (category, ids)
+        assert max(ids) < tokenizer.ids.coord_start  # ordinary text, not coordinate tokens
+    colour, shape = CATEGORIES[0].split(" ")
+    assert tokenizer.encode_text(category)[1] == tokenizer.encode_text(f"x {category.split(' ')[1]}")[1]
+    assert len(tokenizer.encode_text(f"Detect {colour} {shape}.")) == 4

@@ -41,21 +41,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rexedge.runtime.model.checkpoint import expected_tensor_shapes
-from rexedge.runtime.config import RexOmniConfig
-from rexedge.runtime.model.compact import KVCache, RexOmniModel, VisionIndices
-from rexedge.export.shapes.scenes import MAX_PIXELS, MAX_SHAPES, MIN_PIXELS, Scene, make_scene
 from rexedge.export.fixtures.tiny import write_checkpoint
+from rexedge.export.shapes.scenes import CATEGORIES, MAX_PIXELS, MAX_SHAPES, MIN_PIXELS, Scene, make_scene
+from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
+from rexedge.runtime.model.checkpoint import expected_tensor_shapes
+from rexedge.runtime.model.compact import KVCache, RexOmniModel, VisionIndices
 from rexedge.runtime.request.positions import rope_positions
 from rexedge.runtime.request.preprocess import preprocess
-from rexedge.runtime.request.prompts import build_task_prompt, encode_prompt
-from rexedge.runtime.request.tokenizer import Tokenizer
+from rexedge.runtime.request.prompts import box_to_bins, build_task_prompt, encode_prompt
+from rexedge.runtime.request.tokenizer import NUM_COORDS, Tokenizer
 
 STATE_FILE = "state.pt"
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train.log"
 INIT_STD = 0.02
+BACKGROUND = len(CATEGORIES)  # the object loss's class of an image token outside every box
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class TrainOptions:
     coord_embed_std: float = INIT_STD
     image_embed_std: float = 0.0  # > 0: the merger's output layer is initialised to this output std
     aux_weight: float = 0.0  # > 0: add the image tokens' position loss (see position_loss) with this weight
+    box_weight: float = 0.0  # > 0: add the image tokens' object box loss (see object_loss) with this weight
+    class_weight: float = 0.0  # > 0: add the image tokens' object category loss (see object_loss) with this weight
     curriculum_steps: int = 1000
     curriculum_shapes: int = 2
     min_pixels: int = MIN_PIXELS
@@ -95,6 +98,7 @@ class Example:
     input_ids: np.ndarray  # [T]
     positions: np.ndarray  # [3, T]
     num_prompt: int
+    objects: tuple[tuple[int, tuple[int, int, int, int]], ...]  # (category index, box in bins) per shape
 
 
 def make_example(scene: Scene, tokenizer: Tokenizer, cfg: RexOmniConfig, min_pixels: int, max_pixels: int) -> Example:
@@ -103,8 +107,9 @@ def make_example(scene: Scene, tokenizer: Tokenizer, cfg: RexOmniConfig, min_pix
                            image.num_image_tokens)
     ids = np.array(prompt + scene.answer_ids(tokenizer), dtype=np.int64)
     positions, _ = rope_positions(ids, cfg.image_token_id, cfg.vision_start_token_id, image.merged_grid_hw)
+    objects = tuple((CATEGORIES.index(s.category), box_to_bins(s.box, scene.size)) for s in scene.shapes)
     return Example(torch.from_numpy(image.pixel_patches.copy()), VisionIndices.from_layout(image.layout),
-                   ids, positions, len(prompt))
+                   ids, positions, len(prompt), objects)
 
 
 def scene_seed(data_seed: int, step: int, index: int, batch_size: int) -> int:
@@ -156,9 +161,12 @@ def coordinate_embeddings(num_coords: int, hidden: int, seed: int, std: float = 
 
 def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int, num_coords: int,
                  coord_sigma: float, pad_id: int, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
+                 dense: torch.nn.ModuleDict | None = None, box_weight: float = 0.0, class_weight: float = 0.0,
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over the answer tokens of a batch (soft targets for coordinates) and metrics,
-    plus ``aux_weight`` x the image-token position loss (see ``position_loss``) when ``aux`` is given."""
+    plus ``aux_weight`` x the image-token position loss (see ``position_loss``) when ``aux`` is given,
+    and ``box_weight`` / ``class_weight`` x the image-token object losses (see ``object_loss``) when
+    ``dense`` is given."""
     cfg = model.config
     image_embeds = torch.cat([model.encode_image(e.pixel_patches, e.indices) for e in examples])
     length = max(len(e.input_ids) for e in examples)
@@ -200,6 +208,11 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
     if aux is not None and aux_weight > 0:
         aux_loss, aux_metrics = position_loss(model, aux, hidden, ids, positions, coord_start, num_coords)
         loss = loss + aux_weight * aux_loss
+    if dense is not None and (box_weight > 0 or class_weight > 0):
+        box_loss, class_loss, object_metrics = object_loss(model, dense, hidden, ids, positions, examples,
+                                                           coord_start, num_coords, max(coord_sigma, 1.0))
+        loss = loss + box_weight * box_loss + class_weight * class_loss
+        aux_metrics.update(object_metrics)
     with torch.no_grad():
         bin_error = (coord_logp.argmax(dim=1) - coord_bins).abs().float()
         # position learned at all? the correlation of the expected bin with the true one, each
@@ -227,6 +240,32 @@ def coord_sigma(options: TrainOptions, step: int) -> float:
     return options.coord_sigma * (options.coord_sigma_start / options.coord_sigma) ** remaining
 
 
+def image_grid(ids: torch.Tensor, positions: torch.Tensor, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Each image token of a padded batch: its sequence ("batch"), merged-grid "row" and "col" (float),
+    its grid's "rows" and "cols", and the token's centre "x", "y" in coordinate bins; "mask" [B, T] marks them."""
+    is_image = ids == image_token_id
+    # an image token's (h, w) positions minus its t position are its (row, col) on the merged grid
+    row = (positions[1] - positions[0])[is_image].float()
+    col = (positions[2] - positions[0])[is_image].float()
+    batch_index = torch.arange(ids.shape[0])[:, None].expand_as(ids)[is_image]
+    grid = torch.tensor([[row[batch_index == b].max() + 1, col[batch_index == b].max() + 1] for b in range(ids.shape[0])])
+    num_rows, num_cols = grid[batch_index, 0], grid[batch_index, 1]
+    top = NUM_COORDS - 1
+    return {"mask": is_image, "batch": batch_index, "row": row, "col": col, "rows": num_rows, "cols": num_cols,
+            "x": (col + 0.5) / num_cols * top, "y": (row + 0.5) / num_rows * top}
+
+
+def soft_bin_nll(readout: torch.Tensor, coord_rows: torch.Tensor, targets: torch.Tensor, sigma: torch.Tensor | float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``readout`` [N, K, hidden] scored against the coordinate rows [bins, hidden]
+    with Gaussian soft targets around ``targets`` [N, K] (bins, width ``sigma``); also the expected bin [N, K]."""
+    logp = F.log_softmax((readout @ coord_rows.T).float(), dim=-1)  # [N, K, bins]
+    bins = torch.arange(coord_rows.shape[0], dtype=torch.float32)
+    soft = torch.exp(-0.5 * ((bins - targets[..., None]) / sigma) ** 2)
+    soft = soft / soft.sum(dim=-1, keepdim=True)
+    return -(soft * logp).sum(dim=-1).mean(), (logp.exp() * bins).sum(dim=-1).detach()
+
+
 def position_loss(model: RexOmniModel, aux: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor,
                   positions: torch.Tensor, coord_start: int, num_coords: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Training-only dense supervision of position: each image token's final hidden state, through
@@ -234,28 +273,48 @@ def position_loss(model: RexOmniModel, aux: torch.nn.Module, hidden: torch.Tenso
     bins through the tied coordinate rows. Plain backgrounds give no absolute reference, so the
     decoder must derive (row, col) from its rotary offsets to <|vision_start|>; the answer's few
     coordinates are a sparse signal for that, ~100 image tokens per scene a dense one."""
-    is_image = ids == model.config.image_token_id
-    # an image token's (h, w) positions minus its t position are its (row, col) on the merged grid
-    row = (positions[1] - positions[0])[is_image].float()
-    col = (positions[2] - positions[0])[is_image].float()
-    batch_index = torch.arange(ids.shape[0])[:, None].expand_as(ids)[is_image]
-    grid = torch.tensor([[row[batch_index == b].max() + 1, col[batch_index == b].max() + 1] for b in range(ids.shape[0])])
-    num_rows, num_cols = grid[batch_index, 0], grid[batch_index, 1]
-    top = num_coords - 1
-    targets = torch.stack([(col + 0.5) / num_cols * top, (row + 0.5) / num_rows * top], dim=1)  # [N, 2] bins
-    readout = aux(hidden[is_image]).view(-1, 2, hidden.shape[-1])
+    g = image_grid(ids, positions, model.config.image_token_id)
+    targets = torch.stack([g["x"], g["y"]], dim=1)  # [N, 2] bins
+    readout = aux(hidden[g["mask"]]).view(-1, 2, hidden.shape[-1])
     coord_rows = model.head_weight[coord_start:coord_start + num_coords]
-    logp = F.log_softmax((readout @ coord_rows.T).float(), dim=-1)  # [N, 2, bins]
     # a merged cell spans top / cells bins: spread the target over it
-    sigma = (top / torch.stack([num_cols, num_rows], dim=1) / 2)[..., None]
-    bins = torch.arange(num_coords, dtype=torch.float32)
-    soft = torch.exp(-0.5 * ((bins - targets[..., None]) / sigma) ** 2)
-    soft = soft / soft.sum(dim=-1, keepdim=True)
-    loss = -(soft * logp).sum(dim=-1).mean()
-    with torch.no_grad():
-        expected = (logp.exp() * bins).sum(dim=-1)
-        metrics = {"aux_nll": float(loss), "aux_mae": float((expected - targets).abs().mean())}
-    return loss, metrics
+    sigma = ((num_coords - 1) / torch.stack([g["cols"], g["rows"]], dim=1) / 2)[..., None]
+    loss, expected = soft_bin_nll(readout, coord_rows, targets, sigma)
+    return loss, {"aux_nll": loss.item(), "aux_mae": float((expected - targets).abs().mean())}
+
+
+def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.Tensor, ids: torch.Tensor,
+                positions: torch.Tensor, examples: list[Example], coord_start: int, num_coords: int, sigma: float,
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Training-only dense supervision of objects (the detector-style target, one per image token):
+    a token whose centre lies in a shape's box names that shape's box (x0, y0, x1, y1 as coordinate
+    bins through ``dense["box"]``, hidden -> 4 x hidden, and the tied coordinate rows) and every token
+    names its shape's category or background (``dense["category"]``). The answer then only has to
+    find the tokens of a category by content and copy the box they all carry: the few answer
+    coordinates per scene are a sparse signal, the ~100 image tokens a dense one.
+    Returns (box loss, category loss, metrics)."""
+    g = image_grid(ids, positions, model.config.image_token_id)
+    classes = torch.full_like(g["x"], BACKGROUND, dtype=torch.int64)
+    boxes = torch.zeros((len(classes), 4))
+    for b, example in enumerate(examples):
+        # larger boxes first, so that where two overlap the smaller (drawn on top, mostly) wins
+        for category, box in sorted(example.objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
+            inside = ((g["batch"] == b) & (g["x"] >= box[0]) & (g["x"] <= box[2])
+                      & (g["y"] >= box[1]) & (g["y"] <= box[3]))
+            classes[inside] = category
+            boxes[inside] = torch.tensor(box, dtype=torch.float32)
+    image_hidden = hidden[g["mask"]]
+    class_logits = dense["category"](image_hidden)
+    class_loss = F.cross_entropy(class_logits.float(), classes)
+    metrics = {"class_acc": float((class_logits.argmax(dim=-1) == classes).float().mean())}
+    on_object = classes != BACKGROUND
+    if not bool(on_object.any()):
+        return hidden.new_zeros(()), class_loss, metrics
+    readout = dense["box"](image_hidden[on_object]).view(-1, 4, hidden.shape[-1])
+    coord_rows = model.head_weight[coord_start:coord_start + num_coords]
+    box_loss, expected = soft_bin_nll(readout, coord_rows, boxes[on_object], sigma)
+    metrics.update(box_nll=box_loss.item(), box_mae=float((expected - boxes[on_object]).abs().mean()))
+    return box_loss, class_loss, metrics
 
 
 def learning_rate(options: TrainOptions, step: int) -> float:
@@ -291,6 +350,17 @@ class Trainer:
                 self.aux.weight.copy_(torch.eye(hidden).repeat(2, 1))
             self.aux_optimizer = torch.optim.AdamW(self.aux.parameters(), lr=options.lr, betas=(0.9, 0.98),
                                                    weight_decay=0.0)
+        # the object losses' readouts: training only as well
+        self.dense: torch.nn.ModuleDict | None = None
+        self.dense_optimizer: torch.optim.Optimizer | None = None
+        if options.box_weight > 0 or options.class_weight > 0:
+            hidden = self.cfg.hidden_size
+            self.dense = torch.nn.ModuleDict({"box": torch.nn.Linear(hidden, 4 * hidden, bias=False),
+                                              "category": torch.nn.Linear(hidden, BACKGROUND + 1)})
+            with torch.no_grad():
+                self.dense["box"].weight.copy_(torch.eye(hidden).repeat(4, 1))
+            self.dense_optimizer = torch.optim.AdamW(self.dense.parameters(), lr=options.lr, betas=(0.9, 0.98),
+                                                     weight_decay=0.0)
         self.step = 0
 
     def scenes(self, step: int) -> list[Scene]:
@@ -303,14 +373,15 @@ class Trainer:
         o = self.options
         examples = [make_example(s, self.tokenizer, self.cfg, o.min_pixels, o.max_pixels) for s in self.scenes(self.step)]
         lr = learning_rate(o, self.step)
-        optimizers = [self.optimizer] + ([self.aux_optimizer] if self.aux_optimizer else [])
+        optimizers = [opt for opt in (self.optimizer, self.aux_optimizer, self.dense_optimizer) if opt is not None]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         self.model.train()
         sigma = coord_sigma(o, self.step)
         loss, metrics = forward_loss(self.model, examples, self.coord_start, self.num_coords, sigma,
-                                     self.tokenizer.ids.endoftext, self.aux, o.aux_weight)
+                                     self.tokenizer.ids.endoftext, self.aux, o.aux_weight,
+                                     self.dense, o.box_weight, o.class_weight)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -324,7 +395,9 @@ class Trainer:
         return {"options": dataclasses.asdict(self.options), "step": self.step,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-                **({"aux": self.aux.state_dict(), "aux_optimizer": self.aux_optimizer.state_dict()} if self.aux else {})}
+                **({"aux": self.aux.state_dict(), "aux_optimizer": self.aux_optimizer.state_dict()} if self.aux else {}),
+                **({"dense": self.dense.state_dict(), "dense_optimizer": self.dense_optimizer.state_dict()}
+                   if self.dense else {})}
 
     def save(self, out: Path) -> None:
         """Write ``out/state.pt`` (resumable) and ``out/checkpoint`` (published layout), each replaced atomically."""
@@ -354,35 +427,46 @@ class Trainer:
                                 min_pixels=self.options.min_pixels, max_pixels=self.options.max_pixels)
 
     @classmethod
-    def load(cls, out: Path, tokenizer: Tokenizer) -> "Trainer":
+    def load(cls, out: Path, tokenizer: Tokenizer, changes: dict[str, Any] | None = None) -> "Trainer":
+        """The state in ``out``; ``changes`` replace some of its options from now on (a readout that an
+        option newly turns on starts fresh)."""
         state = torch.load(out / STATE_FILE, weights_only=False)
-        trainer = cls(TrainOptions(**state["options"]), tokenizer)
+        trainer = cls(dataclasses.replace(TrainOptions(**state["options"]), **(changes or {})), tokenizer)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        if trainer.aux is not None and "aux" in state:
-            trainer.aux.load_state_dict(state["aux"])
-            trainer.aux_optimizer.load_state_dict(state["aux_optimizer"])
+        for name in ("aux", "dense"):
+            if getattr(trainer, name) is not None and name in state:
+                getattr(trainer, name).load_state_dict(state[name])
+                getattr(trainer, name + "_optimizer").load_state_dict(state[name + "_optimizer"])
         trainer.step = state["step"]
         torch.set_rng_state(state["torch_rng"])
         return trainer
 
 
 def shapes_tokenizer(directory: Path) -> Tokenizer:
-    """The synthetic tokenizer of the "shapes" / "tiny" vocabulary, written once to ``directory``."""
+    """The synthetic tokenizer of the "shapes" / "tiny" vocabulary, written once to ``directory``:
+    the tiny tokenizer with the category words as whole tokens ("red", " circle", ...), as in a real
+    vocabulary. Spelled in 5-7 pieces ("r" "ed" " c" "ir" "cle") a name must first be composed
+    before the answer can look for it in the image; with the pieces, a run learned every other part
+    of the task but answered absent categories with a box (2 of 24 right) and placed boxes no
+    better than its prior."""
     from rexedge.export.fixtures.tiny_tokenizer import QWEN_SPECIAL_TOKENS, write_tiny_tokenizer
 
     cfg = RexOmniConfig.preset("shapes")
     if not (directory / "tokenizer_config.json").exists():
         directory.mkdir(parents=True, exist_ok=True)
-        write_tiny_tokenizer(directory, num_ordinary=cfg.image_token_id - QWEN_SPECIAL_TOKENS.index("<|image_pad|>"))
+        write_tiny_tokenizer(directory, num_ordinary=cfg.image_token_id - QWEN_SPECIAL_TOKENS.index("<|image_pad|>"),
+                             phrases=CATEGORIES)
     return Tokenizer.from_dir(directory)
 
 
-def open_trainer(out: Path, options: TrainOptions) -> Trainer:
-    """Resume from ``out/state.pt`` when it exists (its options win), else start fresh with ``options``."""
+def open_trainer(out: Path, options: TrainOptions, changes: dict[str, Any] | None = None) -> Trainer:
+    """Resume from ``out/state.pt`` when it exists (its options win, but for ``changes``), else start
+    fresh with ``options``."""
     tokenizer = shapes_tokenizer(out / "tokenizer")
     if (out / STATE_FILE).exists():
-        return Trainer.load(out, tokenizer)
+        return Trainer.load(out, tokenizer, changes)
+    options = dataclasses.replace(options, **(changes or {}))
     if options.preset not in ("shapes", "tiny"):
         raise RexEdgeError(f"preset {options.preset!r}: training uses the synthetic vocabulary, 'shapes' or 'tiny'")
     return Trainer(options, tokenizer)
@@ -395,11 +479,14 @@ def log_line(log: Path, record: dict[str, Any]) -> None:
 
 
 def train(out: Path, steps: int, options: TrainOptions, save_every_s: float = 300.0, log_every: int = 10,
-          probe_every: int = 0, probe_scenes: int = 24) -> Trainer:
-    """Train until ``steps`` steps in total (resuming from ``out``), saving every ``save_every_s`` seconds."""
-    trainer = open_trainer(out, options)
+          probe_every: int = 0, probe_scenes: int = 24, changes: dict[str, Any] | None = None) -> Trainer:
+    """Train until ``steps`` steps in total (resuming from ``out``), saving every ``save_every_s`` seconds.
+    ``changes`` replace options of a resumed run from its current step on (logged)."""
+    trainer = open_trainer(out, options, changes)
     log = out / LOG_FILE
     out.mkdir(parents=True, exist_ok=True)
+    if changes:
+        log_line(log, {"step": trainer.step, "changed": changes})
     last_save = time.monotonic()
     window: list[dict[str, float]] = []
     t_window = time.monotonic()
@@ -459,6 +546,20 @@ def _parse_bool(text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
+def _parse_change(text: str, parser: argparse.ArgumentParser) -> tuple[str, Any]:
+    """"box_weight=1" -> ("box_weight", 1.0), typed by the option's default."""
+    name, sep, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    fields = {f.name: f for f in dataclasses.fields(TrainOptions)}
+    if not sep or name not in fields:
+        parser.error(f"--change {text!r}: expected OPTION=VALUE with OPTION one of {', '.join(fields)}")
+    kind = type(getattr(TrainOptions(), name))
+    try:
+        return name, (_parse_bool(value) if kind is bool else kind(value))
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(f"--change {text!r}: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
     defaults = TrainOptions()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -474,10 +575,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + field.name.replace("_", "-"), type=_parse_bool if kind is bool else kind,
                             default=getattr(defaults, field.name),
                             help="(new runs only; a resumed run keeps its options)")
+    parser.add_argument("--change", action="append", default=[], metavar="OPTION=VALUE",
+                        help="change an option of a resumed run from its current step on (repeatable; logged); "
+                             "to branch off a run, copy its directory first")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     options = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
-    trainer = train(args.out, args.steps, options, args.save_every, args.log_every, args.probe_every, args.probe_scenes)
+    changes = dict(_parse_change(text, parser) for text in args.change)
+    trainer = train(args.out, args.steps, options, args.save_every, args.log_every, args.probe_every, args.probe_scenes,
+                    changes)
     print(f"step {trainer.step}; state in {args.out / STATE_FILE}, checkpoint in {args.out / CHECKPOINT_DIR}",
           file=sys.stderr)
 
