@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         max_context = _max_context(source, [scenario])
         from rexedge.runtime.request.tokenizer import Tokenizer
 
-        script = forced_response(scenario, Tokenizer.from_dir(source.bundle))
-        settings = [Setting(source.bundle, b, max_context, script, scenario.decoding, args.threads)
+        bundle = source.bundles["float"]
+        script = forced_response(scenario, Tokenizer.from_dir(bundle))
+        settings = [Setting(bundle, b, max_context, script, scenario.decoding, args.threads)
                     for b in args.max_batch]
         rng = np.random.default_rng(0)
         width, height = scenario.image_size
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"batched: round {round_ + 1}/{args.warmup + args.repeats}", file=sys.stderr)
         padding = (pad_vs_group(source.checkpoint) if args.pad_vs_group and source.checkpoint is not None
                    else None)
-        categories = (parallel_categories(source.bundle, args.categories_scenario, args.repeats, args.warmup,
+        categories = (parallel_categories(bundle, args.categories_scenario, args.repeats, args.warmup,
                                           args.threads) if args.categories_scenario else None)
         load.append(os.getloadavg()[0])
         bandwidth = _bandwidth("cpu", bandwidth)

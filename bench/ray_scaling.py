@@ -106,9 +106,7 @@ def _model(name: str, workdir: Path) -> Path:
         return DEMO_BUNDLE
     from rexedge.bench.harness import resolve_model
 
-    source = resolve_model(name, ["ort"], None, "fp32", workdir, "cpu", print)
-    assert source.bundle is not None
-    return source.bundle
+    return resolve_model(name, ["ort"], None, "fp32", workdir, "cpu", print).bundles["float"]
 
 
 def main(argv: list[str] | None = None) -> None:
