@@ -131,12 +131,7 @@ class InPlaceSession(DecoderSession):
         The binding does not own the host memory: keep the returned OrtValues (which hold
         the arrays) alive for as long as the binding is used."""
         binding = self.session.io_binding()
-        values = []
-        for name, array in feeds.items():
-            values.append(ort.OrtValue.ortvalue_from_numpy(array))
-            binding.bind_ortvalue_input(name, values[-1])
-        values.append(ort.OrtValue.ortvalue_from_numpy(hidden))
-        binding.bind_ortvalue_output(schema.HIDDEN_STATES, values[-1])
+        values = _bind_host(binding, feeds, hidden)
         for past, present, value in zip(self.cache_names(schema.past), self.cache_names(schema.present), self._kv):
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
@@ -159,6 +154,18 @@ class InPlaceSession(DecoderSession):
         self.session.run_with_iobinding(binding)
         del values  # the host buffers had to outlive the run
         return hidden[0, -1]
+
+
+def _bind_host(binding: ort.IOBinding, feeds: Feeds, hidden: np.ndarray) -> list[ort.OrtValue]:
+    """Bind host ``feeds`` as inputs and ``hidden`` as the hidden-states output, wrapped (not copied);
+    the returned OrtValues hold the arrays and must outlive every run of the binding."""
+    values = []
+    for name, array in feeds.items():
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        binding.bind_ortvalue_input(name, values[-1])
+    values.append(ort.OrtValue.ortvalue_from_numpy(hidden))
+    binding.bind_ortvalue_output(schema.HIDDEN_STATES, values[-1])
+    return values
 
 
 _ORT_ELEMENT = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float16}
@@ -190,12 +197,7 @@ class SlotSession:
         """Inputs and output wrapped (not copied), and slots first..first+rows-1 of every KV buffer bound
         by address as both past_* and present_*; keep the returned values alive while the binding is used."""
         binding = self.session.io_binding()
-        values = []
-        for name, array in feeds.items():
-            values.append(ort.OrtValue.ortvalue_from_numpy(array))
-            binding.bind_ortvalue_input(name, values[-1])
-        values.append(ort.OrtValue.ortvalue_from_numpy(hidden))
-        binding.bind_ortvalue_output(schema.HIDDEN_STATES, values[-1])
+        values = _bind_host(binding, feeds, hidden)
         shape = [rows, self.config.num_key_value_heads, self.capacity, self.config.head_dim]
         element = _ORT_ELEMENT[self.kv_dtype]
         for past, present, value in self._kv:
