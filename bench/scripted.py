@@ -41,7 +41,7 @@ class ScriptedHead:
         self._kind = FORCED_KIND
         self._head_s = 0.0
         if hasattr(inner, "set_full_logits"):   # the batched loop's shared full-vocabulary product reaches it
-            self.set_full_logits = inner.set_full_logits
+            self.set_full_logits, self.full_products = inner.set_full_logits, inner.full_products
 
     def take_choice(self) -> tuple[str, float]:
         """Kind and head seconds of the choice made since the last call (forced, 0.0 if none)."""

@@ -90,6 +90,9 @@ class RecordingHead(KeepGoing):
         if self.backend is not None:
             self.log.append((len(self.backend.calls), id(self), what))
 
+    def full_products(self, hidden: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return self.inner.full_products(hidden, out)
+
     def set_full_logits(self, logits: np.ndarray) -> None:
         self.inner.set_full_logits(logits)
         self.given = True
@@ -175,6 +178,62 @@ def test_every_sequence_of_a_batch_is_the_one_decoded_alone(models, mode: str) -
             assert any({"full", "coordinates"} <= kinds for kinds in by_step.values())
             assert any({"full", "ids"} <= kinds for kinds in by_step.values())
             assert any(what == "full (shared product)" for _, _, what in log)
+
+
+def test_a_quantized_bundle_runs_its_head_graph_for_the_full_vocabulary_rows_of_a_batched_step(
+        tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int8 bundle carries an int8 head graph that the batch-1 path multiplies full-vocabulary steps with;
+    a batched step multiplies its full-vocabulary rows on that graph too (one call for all of them, never the
+    float table), so in exact mode every sequence gives the tokens it gives decoded alone.
+
+    The bundle's decoder computes in float (accuracy_level 1): with the shipped accuracy_level 4 the
+    decoder's MatMulNBits rounds its activations to int8, and a batch's rows, summed in another order than
+    one row (1e-6 apart), round differently now and then: batched and alone then part after some tens of
+    tokens (3 of 6 runs of this test), whichever head multiplies."""
+    from rexedge.export.bundle import export_bundle
+    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.backends.graph_session import HeadSession
+
+    path = export_bundle(tiny_checkpoint, tmp_path_factory.mktemp("int8") / "bundle", weights="int8", progress=False,
+                         nbits_options={"accuracy_level": 1})
+    single = RexOmni(path, max_context=1024, max_tokens=150)
+    batched = RexOmni(path, max_context=1024, max_tokens=150, max_batch=3)
+    head = batched.backend._head
+    assert head is not None
+    # the graph's rows of a batch are its rows one at a time up to float rounding (MatMulNBits sums a batch of
+    # rows in another order than one row: measured 5e-7 at most here), far closer than the float table's
+    # products (the int8 table's error, ~1e-2)
+    rng = np.random.default_rng(int(np.random.default_rng().integers(1 << 30)))
+    hidden = rng.standard_normal((3, batched.config.hidden_size)).astype(np.float32) * 2
+    together = head.logits(hidden).copy()
+    scale = np.abs(together).max()
+    for row in range(3):
+        np.testing.assert_allclose(head.logits(hidden[row:row + 1])[0], together[row], rtol=0, atol=1e-5 * scale)
+    assert np.abs(together - hidden @ batched.backend.embed_table.T).max() > 1e-3 * scale
+
+    rows_per_call: list[int] = []
+    logits = HeadSession.logits
+
+    def counted(self, hidden: np.ndarray) -> np.ndarray:
+        rows_per_call.append(hidden.shape[0])
+        return logits(self, hidden)
+
+    monkeypatch.setattr(HeadSession, "logits", counted)
+    made = requests(batched, "exact", int(rng.integers(1 << 30)), 7)
+    counting = CountingBackend(batched.backend)
+    log: list = []
+    finished = decode_all(batched, counting, made, "exact", 3, keep_going=True, log=log)
+    batched_calls = [n for n in rows_per_call if n > 1]
+    rows_per_call.clear()
+    alone = dict(decode_all(single, single.backend, fresh(single, made), "exact", 1, keep_going=False))
+    assert rows_per_call and set(rows_per_call) == {1}
+    assert sorted(key for key, _ in finished) == list(range(7))
+    for key, gen in finished:
+        assert gen.token_ids == alone[key].token_ids, key
+        assert gen.stop_reason == alone[key].stop_reason
+    # the shared products ran on the head graph: one call per step with two or three full-vocabulary rows
+    shared_steps = {step for step, _, what in log if what == "full (shared product)"}
+    assert batched_calls and len(batched_calls) == len(shared_steps)
 
 
 def test_inference_of_a_list_decodes_together_in_input_order(models) -> None:

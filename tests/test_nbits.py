@@ -259,7 +259,7 @@ def test_head_logits_follow_the_dequantized_table(bundles: dict) -> None:
     rng = np.random.default_rng()
     for _ in range(5):
         hidden = rng.standard_normal(table.shape[1]).astype(np.float32) * float(rng.uniform(0.5, 4))
-        got, want = head.logits(hidden).copy(), dequantized @ hidden
+        got, want = head.logits(hidden[None])[0].copy(), dequantized @ hidden
         assert _max_relative(got, want) <= 3e-2
         against_float = table.astype(np.float64) @ hidden
         assert got @ against_float / (np.linalg.norm(got) * np.linalg.norm(against_float)) >= 0.999
@@ -317,7 +317,7 @@ def test_the_ort_backend_hands_full_vocabulary_steps_to_the_head_graph(bundles: 
     backend = load_backend("ort", bundles["int8"])
     vocab, hidden_size = backend.embed_table.shape
     planted = rng.standard_normal(vocab).astype(np.float32)
-    monkeypatch.setattr(HeadSession, "logits", lambda self, hidden: planted.copy())
+    monkeypatch.setattr(HeadSession, "logits", lambda self, hidden: planted[None].copy())
     head = backend.make_head(Sampling(repetition_penalty=1.0))
     head.reset(np.array([0]))
     assert head.choose_full(rng.standard_normal(hidden_size).astype(np.float32))[0] == int(np.argmax(planted))

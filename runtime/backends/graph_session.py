@@ -340,20 +340,32 @@ class ArraySession(DecoderSession):
 
 
 class HeadSession:
-    """A bundle's quantized full-vocabulary head graph (hidden [H] -> logits [vocab] float32) through two host
-    buffers bound once: a step copies the hidden state in (H floats) and nothing else."""
+    """A bundle's quantized full-vocabulary head graph (hidden [n, H] -> logits [n, vocab] float32) through host
+    buffers bound once per row count n: a call copies the hidden states in (n x H floats) and nothing else. The
+    buffers hold the most rows asked for so far (one row, or a batched step's full-vocabulary rows); every row
+    count binds a view of their first n rows."""
 
     def __init__(self, session: ort.InferenceSession, hidden_size: int, vocab_size: int) -> None:
-        self.session = session
-        self._hidden = np.zeros((1, hidden_size), np.float32)
-        self._logits = np.zeros((1, vocab_size), np.float32)
-        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in (self._hidden, self._logits)]
-        self._binding = session.io_binding()
-        self._binding.bind_ortvalue_input(schema.HIDDEN_STATES, self._values[0])
-        self._binding.bind_ortvalue_output(schema.LOGITS, self._values[1])
+        self.session, self.hidden_size, self.vocab_size = session, hidden_size, vocab_size
+        self._hidden = np.zeros((0, hidden_size), np.float32)
+        self._logits = np.zeros((0, vocab_size), np.float32)
+        self._bindings: dict[int, tuple[ort.IOBinding, list[ort.OrtValue]]] = {}
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """Logits of every row for ``hidden`` [H]: a view of the output buffer, rewritten by the next call."""
-        self._hidden[0] = hidden
-        self.session.run_with_iobinding(self._binding)
-        return self._logits[0]
+        """Logits of every row for ``hidden`` [n, H]: [n, vocab], a view of the output buffer, rewritten by the
+        next call."""
+        rows = hidden.shape[0]
+        if rows > self._hidden.shape[0]:   # bigger buffers: the views bound before would point at freed memory
+            self._hidden = np.zeros((rows, self.hidden_size), np.float32)
+            self._logits = np.zeros((rows, self.vocab_size), np.float32)
+            self._bindings.clear()
+        bound = self._bindings.get(rows)
+        if bound is None:
+            binding = self.session.io_binding()
+            values = [ort.OrtValue.ortvalue_from_numpy(a[:rows]) for a in (self._hidden, self._logits)]
+            binding.bind_ortvalue_input(schema.HIDDEN_STATES, values[0])
+            binding.bind_ortvalue_output(schema.LOGITS, values[1])
+            bound = self._bindings[rows] = (binding, values)
+        self._hidden[:rows] = hidden
+        self.session.run_with_iobinding(bound[0])
+        return self._logits[:rows]

@@ -173,7 +173,8 @@ class _OneBlasThread:
             setter(threads)
 
 
-# hidden [H] -> logits of every row [vocab] float32, in a buffer the callee reuses (the next call rewrites it)
+# hidden states [n, H] -> logits of every row [n, vocab] float32, in a buffer the callee reuses (the next call
+# rewrites it)
 FullLogits = Callable[[np.ndarray], np.ndarray]
 
 
@@ -181,7 +182,8 @@ class NumpyHead:
     """Logits of allowed rows of the tied embedding, penalty, choice: one call per step.
 
     ``full_logits``: computes the full-vocabulary products instead of the float table (a weight-quantized
-    bundle's int8 head graph); the coordinate and listed rows still come from the table."""
+    bundle's int8 head graph), one row or a batched step's rows; the coordinate and listed rows still come
+    from the table."""
 
     def __init__(self, embed_table: np.ndarray, sampling: Sampling, full_logits: FullLogits | None = None) -> None:
         if embed_table.ndim != 2:
@@ -210,6 +212,14 @@ class NumpyHead:
         in one product (the table read once for all of them)."""
         self._given = logits
 
+    def full_products(self, hidden: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Every row's logits [n, vocab] for hidden states [n, H] in one product (what ``choose_full`` multiplies,
+        for n sequences: the table or the head graph read once for all), in ``out`` [n, vocab] or in the head
+        graph's buffer (valid until its next call); for ``set_full_logits``. No penalty: each head applies its own."""
+        if self._full_logits is not None:
+            return self._full_logits(hidden)
+        return np.dot(hidden, self.table.T, out=out)
+
     def observe(self, token_id: int) -> None:
         self.chooser.observe(token_id)
 
@@ -219,7 +229,7 @@ class NumpyHead:
         if given is not None:
             logits = given
         elif self._full_logits is not None:
-            logits = self._full_logits(hidden)
+            logits = self._full_logits(hidden[None])[0]
         else:
             logits = self._logits
             np.dot(self.table, hidden, out=logits)

@@ -441,8 +441,9 @@ class DecodeLoop:
     def _full_vocabulary_products(self, slots: list[_Live | None]) -> None:
         """The head rows of a batched step, grouped: the sequences whose next choice is over the whole
         vocabulary (exact mode, FREE steps) get their logits from one product ([n, H] x [H, vocab]: the
-        table read once for all n) through their head's ``set_full_logits``; the others (coordinates, a
-        few choice ids) keep their own restricted product, so no row widens to the full vocabulary."""
+        table, or a quantized bundle's head graph, read once for all n; the heads' ``full_products``) through
+        their head's ``set_full_logits``; the others (coordinates, a few choice ids) keep their own restricted
+        product, so no row widens to the full vocabulary."""
         rows = []
         for live in slots:
             if (live is not None and not live.pending and hasattr(live.head, "set_full_logits")
@@ -451,11 +452,9 @@ class DecodeLoop:
                 rows.append(live)
         if len(rows) < 2:
             return
-        table = self.backend.embed_table
         if self._batch_logits is None:
-            self._batch_logits = np.empty((self.max_batch, table.shape[0]), np.float32)
-        logits = self._batch_logits[:len(rows)]
-        np.dot(np.stack([live.hidden for live in rows]), table.T, out=logits)
+            self._batch_logits = np.empty((self.max_batch, self.backend.embed_table.shape[0]), np.float32)
+        logits = rows[0].head.full_products(np.stack([live.hidden for live in rows]), self._batch_logits[:len(rows)])
         for live, row in zip(rows, logits):
             live.head.set_full_logits(row)
 
