@@ -14,6 +14,12 @@ With ``--categories-scenario`` (e.g. ``448x448:24/6``) it also decodes one image
 joint prompt (batch 1) and as parallel categories (K branches sharing the image's prefill,
 ``max_batch`` K), both forced to the same boxes, and reports prefill, decode and end-to-end times.
 
+``--backend torch --device cuda`` runs the same rounds on the torch CUDA backend (captured graphs per batch
+bucket; bf16 unless ``--dtype``), e.g. the GPU table at batch 1, 4 and 16::
+
+    python -P -m rexedge.bench.batched --model cpu-bench --backend torch --device cuda --images 16 \
+        --max-batch 1 4 16 --json batched-cuda.json
+
 ``--pad-vs-group`` also times, on the torch CPU backend, one step of 4 rows whose jump-forward runs differ
 (1, 3, 1, 1 tokens) padded into one call against grouped into two (``ort`` cannot pad: its attention
 operator takes several rows one token at a time, so it groups).
@@ -51,8 +57,9 @@ from rexedge.runtime.decode.loop import DecodeLoop, Limits
 class StepTimer:
     """Forwards to the backend; times every single-token step and counts the rows it carried."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Any, synchronize: Any = None) -> None:
         self._backend = backend
+        self._synchronize = synchronize   # a GPU backend returns before its step has run: wait for it
         self.steps: list[tuple[int, float]] = []   # (live rows, seconds) of single-token steps
         self.calls = 0
 
@@ -70,13 +77,28 @@ class StepTimer:
         self.calls += 1
         start = time.perf_counter()
         hidden = call(*args)
+        if self._synchronize is not None:
+            self._synchronize()
         if width == 1:
             self.steps.append((rows, time.perf_counter() - start))
         return hidden
 
 
-def matmul_gflops(size: int = 1536, repeats: int = 5) -> float:
-    """The best float32 matrix-multiply rate numpy reaches here (all threads), GFLOP/s."""
+def matmul_gflops(device: str = "cpu", dtype: str = "float32", size: int = 1536, repeats: int = 5) -> float:
+    """The best matrix-multiply rate reached here, GFLOP/s: numpy float32 on the CPU (all threads), torch in
+    ``dtype`` on a CUDA device."""
+    if device.startswith("cuda"):
+        import torch
+
+        a = torch.randn(4 * size, 4 * size, device=device, dtype=getattr(torch, dtype))
+        best = float("inf")
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, a)
+            torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return 2 * (4 * size) ** 3 / best / 1e9
     a = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
     out = np.empty_like(a)
     best = float("inf")
@@ -88,16 +110,21 @@ def matmul_gflops(size: int = 1536, repeats: int = 5) -> float:
 
 
 class Setting:
-    """One ``max_batch``: a RexOmni over the bundle with a scripted head per slot and a timed backend."""
+    """One ``max_batch``: a RexOmni over the bundle (or checkpoint) with a scripted head per slot and a timed
+    backend; ``options``: the backend's (backend, device, threads, dtype)."""
 
-    def __init__(self, bundle: Path, max_batch: int, max_context: int, script: list[int], decoding: str,
-                 threads: int | None) -> None:
+    def __init__(self, model: Path, max_batch: int, max_context: int, script: list[int], decoding: str,
+                 options: dict[str, Any]) -> None:
         from rexedge.runtime.api import RexOmni
 
-        options = {"threads": threads} if threads else {}
         self.max_batch = max_batch
-        self.model = RexOmni(bundle, max_context=max_context, max_batch=max_batch, **options)
-        self.timer = StepTimer(self.model.backend)
+        self.model = RexOmni(model, max_context=max_context, max_batch=max_batch, **options)
+        synchronize = None
+        if options.get("device", "cpu").startswith("cuda"):
+            import torch
+
+            synchronize = torch.cuda.synchronize
+        self.timer = StepTimer(self.model.backend, synchronize)
         heads = [ScriptedHead(self.model.backend.make_head(Sampling()), script) for _ in range(max_batch)]
         self.model.loop = DecodeLoop(self.timer, heads[0], self.model.ids, mode=decoding,
                                      limits=Limits(max_new_tokens=len(script)), heads=heads)
@@ -125,21 +152,29 @@ class Setting:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     scenario = parse_scenario(args.scenario)
+    if args.backend != "ort" and (args.categories_scenario or args.threads):
+        raise BenchError("--categories-scenario and --threads run the ort backend; leave them out with --backend "
+                         f"{args.backend}")
+    on_gpu = args.device.startswith("cuda")
+    dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     with tempfile.TemporaryDirectory(prefix="rexedge-batched-") as tmp:
-        source = resolve_model(args.model, ["ort"], None, "fp32", Path(tmp), "cpu",
+        source = resolve_model(args.model, [args.backend], None, "fp32", Path(tmp), args.device,
                                lambda m: print(m, file=sys.stderr))
         max_context = _max_context(source, [scenario])
         from rexedge.runtime.request.tokenizer import Tokenizer
 
-        bundle = source.bundles["float"]
-        script = forced_response(scenario, Tokenizer.from_dir(bundle))
-        settings = [Setting(bundle, b, max_context, script, scenario.decoding, args.threads)
-                    for b in args.max_batch]
+        bundle = source.bundles.get("float")
+        model = bundle if args.backend == "ort" else source.checkpoint
+        script = forced_response(scenario, Tokenizer.from_dir(model))
+        options: dict[str, Any] = {"backend": args.backend, "device": args.device}
+        options.update({"threads": args.threads} if args.threads else {})
+        options.update({"dtype": dtype} if args.backend == "torch" else {})
+        settings = [Setting(model, b, max_context, script, scenario.decoding, options) for b in args.max_batch]
         rng = np.random.default_rng(0)
         width, height = scenario.image_size
         load = [os.getloadavg()[0]]
-        bandwidth = _bandwidth("cpu")
-        gflops = matmul_gflops()
+        bandwidth = _bandwidth(args.device)
+        gflops = matmul_gflops(args.device, dtype)
         for round_ in range(args.warmup + args.repeats):
             images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.images)]
             for setting in settings:
@@ -152,19 +187,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         categories = (parallel_categories(bundle, args.categories_scenario, args.repeats, args.warmup,
                                           args.threads) if args.categories_scenario else None)
         load.append(os.getloadavg()[0])
-        bandwidth = _bandwidth("cpu", bandwidth)
+        bandwidth = _bandwidth(args.device, bandwidth)
         cfg = source.config
         weights = decoder_weight_count(cfg)
         prompt = len(settings[0].model.prepare(images[0], scenario.task, scenario.categories).prompt_ids)
-        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+        element = 2 if dtype in ("bfloat16", "float16") and args.backend == "torch" else 4   # ort bundles: fp32
+        kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
         records = []
         base = None
         for setting in settings:
             rows = min(setting.max_batch, args.images)
             med = {k: summary([r[k] for r in setting.rounds])["median"] for k in setting.rounds[0]}
             # a single-token step at mid-answer: weights once, each row's cache (prompt + half the answer)
-            bytes_ = weights * 4 + rows * kv_per_token * (prompt + len(script) / 2)
-            floors = {"bandwidth_floor_ms": bytes_ / (bandwidth["bandwidth_gbs"] * 1e9) * 1e3,
+            bytes_ = weights * element + rows * kv_per_token * (prompt + len(script) / 2)
+            floors = {"bandwidth_floor_ms": bytes_ / ((bandwidth["bandwidth_gbs"] or float("nan")) * 1e9) * 1e3,
                       "compute_floor_ms": 2 * weights * rows / (gflops * 1e9) * 1e3}
             record = {"max_batch": setting.max_batch, "rows_per_step": rows, **med, **floors}
             if base is None:
@@ -175,6 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"schema": "rexedge-bench-batched/1",
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "command": "python -P -m rexedge.bench.batched " + shlex.join(sys.argv[1:]),
+            "backend": args.backend, "device": args.device, "dtype": dtype if args.backend == "torch" else "fp32",
             "machine": {"cpu": bandwidth["device_name"], "cores": os.cpu_count(),
                         "bandwidth_gbs": bandwidth["bandwidth_gbs"], "matmul_gflops": round(gflops, 1),
                         "load_average_1min": load},
@@ -256,7 +293,8 @@ def pad_vs_group(checkpoint: Path, repeats: int = 10, context: int = 300) -> dic
 
 def table(report: dict[str, Any]) -> str:
     lines = [f"{report['model']}, {report['scenario']}, {report['images']} images, {report['answer_tokens']}-token "
-             f"answers; {report['machine']['cpu']}, load {report['machine']['load_average_1min']}",
+             f"answers; {report['backend']} on {report['device']} ({report['dtype']}); {report['machine']['cpu']}, "
+             f"load {report['machine']['load_average_1min']}",
              "| max_batch | images/s | vs 1 | step ms (1 token/row) | vs 1 | loop step ms | backend calls | "
              "bandwidth floor ms | compute floor ms |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -287,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                         "reference of the ratios (default: 1 4)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--backend", choices=["ort", "torch"], default="ort", help="ort runs the preset's exported "
+                        "bundle, torch its checkpoint (default: ort)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), or cuda / cuda:N with --backend torch")
+    parser.add_argument("--dtype", help="the torch backend's dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     parser.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
     parser.add_argument("--categories-scenario", metavar="WxH:N/K", help="also time parallel categories against "
                         "the joint prompt on this scenario (e.g. 448x448:24/6)")

@@ -5,7 +5,9 @@
 # image holds torch, triton, onnxruntime, transformers, tokenizers, pillow, pytest);
 # 3. the kernel tests compiled on the GPU and the CUDA backend == CPU backend token test;
 # 4. python -m rexedge.bench.kernels (bandwidth, decode ms/token, TTFT, transformers);
-# 5. rexedge bench with the torch CUDA backend on the cpu-bench preset (the harness path).
+# 5. rexedge bench with the torch CUDA backend on the cpu-bench preset (the harness path);
+# 6. batched decoding on the torch CUDA backend (tests: batched == alone; figures: images/s and the
+#    single-token step at max_batch 1, 4 and 16, python -m rexedge.bench.batched).
 # Each step logs to OUT/<step>.log and goes on after a failure; a summary ends the output.
 # Record the figures in bench/RESULTS.md with the device and the date.
 set -uo pipefail
@@ -32,9 +34,12 @@ torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processo
 step install "$python" -m pip install --no-deps --no-build-isolation --no-index -e .
 step tests "$python" -m pytest -q -x tests/test_kernel_restricted_head.py tests/test_kernel_decode_attention.py \
     tests/test_kernel_rmsnorm.py tests/test_torch_cuda.py
+step batched-tests "$python" -m pytest -q -x tests/test_torch_cuda.py -k "batch" tests/test_trt_backend.py
 step kernels "$python" -m rexedge.bench.kernels --out "$out/kernels.json"
 step harness "$python" -m rexedge.runtime.cli bench --model cpu-bench --backend torch --device cuda \
     --scenario det-448 det-1428x812 --repeats 3 --warmup 1 --json "$out/harness.json"
+step batched "$python" -m rexedge.bench.batched --model cpu-bench --backend torch --device cuda --scenario det-448 \
+    --images 16 --max-batch 1 4 16 --repeats 3 --warmup 1 --json "$out/batched-cuda.json"
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}"

@@ -90,7 +90,9 @@ class BatchBackend(Backend, Protocol):
 
     ``prefill(embeds, positions, slot=s)`` resets slot ``s`` and prefills it (one sequence, batch 1);
     ``step_batch`` appends to slots ``0..B-1`` in one call. Slot 0 is also what ``prefill`` / ``step``
-    without a slot use, so a batch backend decodes one sequence exactly as before."""
+    without a slot use, so a batch backend decodes one sequence exactly as before. With ``max_batch`` > 1
+    the hidden state ``prefill`` or ``step`` returns for a slot stays valid until that slot's next call
+    (the batched loop keeps it while it fills the other slots)."""
 
     max_batch: int
 
@@ -118,7 +120,7 @@ class BatchBackend(Backend, Protocol):
 
 
 # the backends whose step_batch runs several sequences (the others refuse max_batch > 1)
-BATCHED_BACKENDS = "ort (CPU) and torch (CPU)"
+BATCHED_BACKENDS = "ort, torch (CPU and CUDA)"
 
 
 def check_max_batch(backend_name: str, max_batch: object, supported: int | None = None) -> int:

@@ -126,8 +126,12 @@ class DeviceHead:
         if stop - start + len(extra) > self._noise.shape[1]:
             raise BackendError(f"torch backend: {stop - start + len(extra)} allowed rows in one step; the vocabulary "
                                f"has {self._noise.shape[1]}")
-        if not (isinstance(hidden, torch.Tensor) and hidden.data_ptr() == self._hidden.data_ptr()):
-            # a hidden state from elsewhere (host array): the graphs read the static buffer
+        if isinstance(hidden, torch.Tensor):
+            if hidden.data_ptr() != self._hidden.data_ptr():
+                # a row of a batched step, or a slot's prefill: the graphs read the static buffer (H values,
+                # device to device, in stream order)
+                self._hidden.copy_(hidden.view(1, -1))
+        else:   # a host array
             self._hidden.copy_(torch.as_tensor(np.asarray(hidden)).view(1, -1))
         if extra:
             # the previous step's read of _ids_host has completed: every choose ends in a synchronize

@@ -104,11 +104,9 @@ class TorchBackend(HostHeadBackend):
         self._cache = allocate_slots(self.name, lambda: KVCache.allocate(cfg, max_batch, capacity, dtype=torch_dtype),
                                      max_batch, capacity, per_token)
         # slot s's cache: views of row s of every buffer (written in place by the batch-1 calls)
-        self._slot_caches = [KVCache([k[s:s + 1] for k in self._cache.keys], [v[s:s + 1] for v in self._cache.values])
-                             for s in range(max_batch)]
+        self._slot_caches = [self._cache.slots(s, 1) for s in range(max_batch)]
         # slots 0..n-1 (a batched step of n rows)
-        self._first_slots = [KVCache([k[:n] for k in self._cache.keys], [v[:n] for v in self._cache.values])
-                             for n in range(1, max_batch + 1)]
+        self._first_slots = [self._cache.slots(0, n) for n in range(1, max_batch + 1)]
         self._row_ops = _row_ops() if max_batch > 1 else None
         self._dtype = torch_dtype
         self._lengths = [0] * max_batch
@@ -175,8 +173,6 @@ class TorchBackend(HostHeadBackend):
         """Slot ``target`` gets a copy of ``source``'s cache (branches that share a prefill)."""
         check_slot(self.name, source, self.max_batch)
         check_slot(self.name, target, self.max_batch)
-        length = self._lengths[source]
-        for buffer in self._cache.keys + self._cache.values:
-            buffer[target, :, :length] = buffer[source, :, :length]
-        self._lengths[target] = length
+        self._cache.copy_slot(source, target, self._lengths[source])
+        self._lengths[target] = self._lengths[source]
 

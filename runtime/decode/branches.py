@@ -70,7 +70,7 @@ def decode_branches(loop: DecodeLoop, branches: list[Branch], image_embeds: np.n
             hidden = backend.step(branch.prompt_ids[length:], branch.positions[:, length:], slot=index)
             prefill_s[index] = time.perf_counter() - began
             return SequenceInput(branch.prompt_ids, image_embeds, branch.positions, branch.rope_delta, branch.grammar,
-                                 branch.phrases, slot=index, hidden=np.array(hidden))
+                                 branch.phrases, slot=index, hidden=hidden)
         return start
 
     prefill_s: dict[int, float] = {}

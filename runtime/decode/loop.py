@@ -160,7 +160,7 @@ class SequenceInput:
     # a sequence whose start put its prompt in the backend itself (branches of a shared prefill): the slot it
     # used (the one run_batch gives it) and the hidden state after its prompt; image_embeds are then unused
     slot: int | None = None
-    hidden: np.ndarray | None = None
+    hidden: object = None   # the backend's hidden state (a host array, or a device tensor on a GPU backend)
 
 
 class _Live:
@@ -464,10 +464,10 @@ class DecodeLoop:
         if inp.hidden is not None:
             if inp.slot != slot:
                 raise DecodingError(f"a sequence prefilled into slot {inp.slot} was given slot {slot}")
-            hidden = np.array(inp.hidden)
+            hidden = inp.hidden
         else:
             embeds = embed_prompt(self.backend.embed_table, inp.prompt_ids, inp.image_embeds, self.ids.image_pad)
-            hidden = np.array(self.backend.prefill(embeds, inp.positions, slot=slot))
+            hidden = self.backend.prefill(embeds, inp.positions, slot=slot)
         head = self.heads[slot]
         head.reset(inp.prompt_ids)
         answer = _Answer(self.ids, inp.grammar, inp.limits or self.limits, self._stop_ids)

@@ -434,6 +434,16 @@ class KVCache:
     def max_length(self) -> int:
         return int(self.keys[0].shape[2])
 
+    def slots(self, first: int, count: int) -> "KVCache":
+        """Rows first..first+count-1 of every buffer, as views (written in place through them): one
+        sequence's slot of a batched cache, or the first rows a batched step runs on."""
+        return KVCache([k[first:first + count] for k in self.keys], [v[first:first + count] for v in self.values])
+
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """Row ``target`` gets row ``source``'s first ``length`` cached tokens (branches sharing a prefill)."""
+        for buffer in self.keys + self.values:
+            buffer[target, :, :length] = buffer[source, :, :length]
+
 
 # --------------------------------------------------------------------------- whole model
 
