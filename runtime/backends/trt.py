@@ -67,7 +67,8 @@ class TrtBackend:
 
     def __init__(self, model_path: str | Path, device: str = "cuda", max_context: int = DEFAULT_MAX_CONTEXT,
                  precision: str = "fp16", verify_hashes: bool = True, max_batch: int = 1) -> None:
-        # no batched step yet: the engines' optimization profiles and ping-pong caches are batch 1
+        # no batched step yet: the trt flavour's Concat cache shares one past length across rows (rows of a
+        # batch differ in length), see docs/tensorrt.md
         check_max_batch(self.name, max_batch, 1)
         index = parse_cuda_device(device, "trt backend")
         try:
