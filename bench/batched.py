@@ -119,12 +119,12 @@ class Setting:
 
         self.max_batch = max_batch
         self.model = RexOmni(model, max_context=max_context, max_batch=max_batch, **options)
-        synchronize = None
+        self.torch = None
         if options.get("device", "cpu").startswith("cuda"):
             import torch
 
-            synchronize = torch.cuda.synchronize
-        self.timer = StepTimer(self.model.backend, synchronize)
+            self.torch = torch
+        self.timer = StepTimer(self.model.backend, None if self.torch is None else self.torch.cuda.synchronize)
         heads = [ScriptedHead(self.model.backend.make_head(Sampling()), script) for _ in range(max_batch)]
         self.model.loop = DecodeLoop(self.timer, heads[0], self.model.ids, mode=decoding,
                                      limits=Limits(max_new_tokens=len(script)), heads=heads)
@@ -147,7 +147,10 @@ class Setting:
         self.rounds.append({"images_per_s": len(images) / wall, "wall_s": wall,
                             "step_ms": float(np.median(full)) * 1e3 if full else float("nan"),
                             "loop_step_ms": decode_s / max(self.timer.calls, 1) * 1e3,
-                            "backend_calls": self.timer.calls})
+                            "backend_calls": self.timer.calls,
+                            # on a GPU: what the KV slots and the graphs captured per (bucket, width) hold
+                            **({} if self.torch is None else
+                               {"gpu_reserved_gib": self.torch.cuda.memory_reserved() / 2**30})})
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
