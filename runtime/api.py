@@ -55,8 +55,8 @@ from rexedge.runtime.decode.head import Sampling
 from rexedge.runtime.decode.loop import DecodeLoop, Generation, Limits, SequenceInput
 from rexedge.runtime.decode.phrases import PhraseTable, phrase_table
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
 from rexedge.runtime.request.encode import encode_task
+from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, ImageInput, PreprocessedImage, preprocess
 from rexedge.runtime.request.prompts import DEFAULT_SYSTEM_PROMPT, TaskPrompt
 from rexedge.runtime.results.parse import parse_prediction
 from rexedge.runtime.results.result import Result, Timings
