@@ -46,7 +46,7 @@ from rexedge.export.shapes.scenes import CATEGORIES, MAX_PIXELS, MAX_SHAPES, MIN
 from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.model.checkpoint import expected_tensor_shapes
-from rexedge.runtime.model.compact import KVCache, RexOmniModel, VisionIndices
+from rexedge.runtime.model.compact import DecoderOps, KVCache, RexOmniModel, VisionIndices, apply_rotary
 from rexedge.runtime.request.positions import rope_positions
 from rexedge.runtime.request.preprocess import preprocess
 from rexedge.runtime.request.prompts import box_to_bins, build_task_prompt, encode_prompt
@@ -81,6 +81,8 @@ class TrainOptions:
     aux_weight: float = 0.0  # > 0: add the image tokens' position loss (see position_loss) with this weight
     box_weight: float = 0.0  # > 0: add the image tokens' object box loss (see object_loss) with this weight
     class_weight: float = 0.0  # > 0: add the image tokens' object category loss (see object_loss) with this weight
+    lookup_weight: float = 0.0  # > 0: add the answer's look-up attention loss (see lookup_loss) with this weight
+    lookup_layers: int = 2  # the look-up loss supervises head 0 of this many last decoder layers
     curriculum_steps: int = 1000
     curriculum_shapes: int = 2
     min_pixels: int = MIN_PIXELS
@@ -162,11 +164,12 @@ def coordinate_embeddings(num_coords: int, hidden: int, seed: int, std: float = 
 def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int, num_coords: int,
                  coord_sigma: float, pad_id: int, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
                  dense: torch.nn.ModuleDict | None = None, box_weight: float = 0.0, class_weight: float = 0.0,
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 lookup_weight: float = 0.0, lookup_layers: int = 2) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over the answer tokens of a batch (soft targets for coordinates) and metrics,
     plus ``aux_weight`` x the image-token position loss (see ``position_loss``) when ``aux`` is given,
-    and ``box_weight`` / ``class_weight`` x the image-token object losses (see ``object_loss``) when
-    ``dense`` is given."""
+    ``box_weight`` / ``class_weight`` x the image-token object losses (see ``object_loss``) when
+    ``dense`` is given, and ``lookup_weight`` x the look-up loss (see ``lookup_loss``) of head 0 in
+    the last ``lookup_layers`` layers."""
     cfg = model.config
     image_embeds = torch.cat([model.encode_image(e.pixel_patches, e.indices) for e in examples])
     length = max(len(e.input_ids) for e in examples)
@@ -181,7 +184,9 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
         positions[:, row, n:] = int(e.positions.max()) + 1 + torch.arange(length - n)
     embeds = model.embed(ids).masked_scatter((ids == cfg.image_token_id)[..., None], image_embeds)
     cache = KVCache.allocate(cfg, batch, length)
-    hidden = model.decode(embeds, positions, cache, torch.arange(length), kv_length=length)
+    lookup = lookup_weight > 0
+    ops = AttentionProbe(range(cfg.num_hidden_layers - lookup_layers, cfg.num_hidden_layers)) if lookup else DecoderOps()
+    hidden = model.decode(embeds, positions, cache, torch.arange(length), kv_length=length, ops=ops)
 
     rows, cols = [], []
     for row, e in enumerate(examples):
@@ -213,6 +218,11 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
                                                            coord_start, num_coords, max(coord_sigma, 1.0))
         loss = loss + box_weight * box_loss + class_weight * class_loss
         aux_metrics.update(object_metrics)
+    if lookup:
+        attention_loss, lookup_metrics = lookup_loss(ops.probs, ids, positions, examples, cfg.image_token_id,
+                                                     coord_start, num_coords)
+        loss = loss + lookup_weight * attention_loss
+        aux_metrics.update(lookup_metrics)
     with torch.no_grad():
         bin_error = (coord_logp.argmax(dim=1) - coord_bins).abs().float()
         # position learned at all? the correlation of the expected bin with the true one, each
@@ -283,6 +293,21 @@ def position_loss(model: RexOmniModel, aux: torch.nn.Module, hidden: torch.Tenso
     return loss, {"aux_nll": loss.item(), "aux_mae": float((expected - targets).abs().mean())}
 
 
+def object_targets(g: dict[str, torch.Tensor], examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image token of ``image_grid`` ``g``: the category index of the shape whose box holds its
+    centre (``BACKGROUND`` if none) and that box in bins [N, 4] (zeros on background)."""
+    classes = torch.full_like(g["x"], BACKGROUND, dtype=torch.int64)
+    boxes = torch.zeros((len(classes), 4))
+    for b, example in enumerate(examples):
+        # larger boxes first, so that where two overlap the smaller (drawn on top, mostly) wins
+        for category, box in sorted(example.objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
+            inside = ((g["batch"] == b) & (g["x"] >= box[0]) & (g["x"] <= box[2])
+                      & (g["y"] >= box[1]) & (g["y"] <= box[3]))
+            classes[inside] = category
+            boxes[inside] = torch.tensor(box, dtype=torch.float32)
+    return classes, boxes
+
+
 def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.Tensor, ids: torch.Tensor,
                 positions: torch.Tensor, examples: list[Example], coord_start: int, num_coords: int, sigma: float,
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -294,15 +319,7 @@ def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.T
     coordinates per scene are a sparse signal, the ~100 image tokens a dense one.
     Returns (box loss, category loss, metrics)."""
     g = image_grid(ids, positions, model.config.image_token_id)
-    classes = torch.full_like(g["x"], BACKGROUND, dtype=torch.int64)
-    boxes = torch.zeros((len(classes), 4))
-    for b, example in enumerate(examples):
-        # larger boxes first, so that where two overlap the smaller (drawn on top, mostly) wins
-        for category, box in sorted(example.objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
-            inside = ((g["batch"] == b) & (g["x"] >= box[0]) & (g["x"] <= box[2])
-                      & (g["y"] >= box[1]) & (g["y"] <= box[3]))
-            classes[inside] = category
-            boxes[inside] = torch.tensor(box, dtype=torch.float32)
+    classes, boxes = object_targets(g, examples)
     image_hidden = hidden[g["mask"]]
     class_logits = dense["category"](image_hidden)
     class_loss = F.cross_entropy(class_logits.float(), classes)
@@ -315,6 +332,68 @@ def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.T
     box_loss, expected = soft_bin_nll(readout, coord_rows, boxes[on_object], sigma)
     metrics.update(box_nll=box_loss.item(), box_mae=float((expected - boxes[on_object]).abs().mean()))
     return box_loss, class_loss, metrics
+
+
+class AttentionProbe(DecoderOps):
+    """Training only: the plain-torch ops that also keep head 0's attention probabilities
+    [B, T, S] in each layer of ``layers`` (indices), for ``lookup_loss``. SDPA does not return
+    its probabilities, so head 0's are computed again from the rotated query and the cached keys."""
+
+    def __init__(self, layers: range) -> None:
+        self.layers = set(layers)
+        self.probs: dict[int, torch.Tensor] = {}
+        self._layer = 0
+
+    def attention_context(self, cache_position: torch.Tensor, kv_length: int) -> torch.Tensor:
+        self._layer, self.probs = 0, {}  # once per forward, before the first layer
+        return super().attention_context(cache_position, kv_length)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  key_cache: torch.Tensor, value_cache: torch.Tensor, cache_position: torch.Tensor,
+                  context: torch.Tensor) -> torch.Tensor:
+        out = super().attention(q, k, v, cos, sin, key_cache, value_cache, cache_position, context)
+        if self._layer in self.layers:
+            query = apply_rotary(q[:, :, 0], cos, sin)  # [B, T, D]; head 0 reads kv head 0
+            keys = key_cache[:, 0, :context.shape[-1]].to(query.dtype)  # [B, S, D], rotated when cached
+            scores = (query @ keys.transpose(1, 2)) / math.sqrt(query.shape[-1])
+            self.probs[self._layer] = scores.masked_fill(~context, float("-inf")).softmax(dim=-1)
+        self._layer += 1
+        return out
+
+
+def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor, examples: list[Example],
+                image_token_id: int, coord_start: int, num_coords: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Training-only supervision of the look-up itself: where the answer writes a box's four
+    coordinates, head 0 of the probed layers puts its attention on the image tokens of that box
+    (-log of the attention mass there, mean over the positions that predict x0, y0, x1, y1).
+    Without it, runs learned the answer's format, box sizes and each image token's own category
+    and box (the object losses) but never which tokens the named category is: the answer's
+    coordinates are ~4 sparse, noisy signals per box for a two-step search (the name from the
+    phrase, then the tokens that carry it). Returns (loss, {"lookup_mass": mean mass})."""
+    g = image_grid(ids, positions, image_token_id)
+    classes, boxes = object_targets(g, examples)
+    token_batch, token_index = g["mask"].nonzero(as_tuple=True)
+    rows, queries, masks = [], [], []
+    for b, example in enumerate(examples):
+        coords = [i for i in range(example.num_prompt, len(example.input_ids))
+                  if coord_start <= example.input_ids[i] < coord_start + num_coords]
+        for first in coords[::4]:
+            box = torch.tensor([int(example.input_ids[first + j]) - coord_start for j in range(4)], dtype=torch.float32)
+            on_box = (token_batch == b) & (classes != BACKGROUND) & (boxes == box).all(dim=1)
+            if not bool(on_box.any()):
+                continue  # hidden under another shape
+            mask = torch.zeros(ids.shape[1], dtype=torch.bool)
+            mask[token_index[on_box]] = True
+            for query in range(first - 1, first + 3):  # the positions whose next token is x0, y0, x1, y1
+                rows.append(b)
+                queries.append(query)
+                masks.append(mask)
+    if not rows:
+        return ids.new_zeros((), dtype=torch.float32), {}
+    rows_t, queries_t, target = torch.tensor(rows), torch.tensor(queries), torch.stack(masks)
+    masses = [(p[rows_t, queries_t] * target).sum(dim=-1) for p in probs.values()]  # each [N]
+    loss = torch.stack([-(m + 1e-6).log().mean() for m in masses]).mean()
+    return loss, {"lookup_mass": float(torch.stack(masses).detach().mean())}
 
 
 def learning_rate(options: TrainOptions, step: int) -> float:
@@ -381,7 +460,7 @@ class Trainer:
         sigma = coord_sigma(o, self.step)
         loss, metrics = forward_loss(self.model, examples, self.coord_start, self.num_coords, sigma,
                                      self.tokenizer.ids.endoftext, self.aux, o.aux_weight,
-                                     self.dense, o.box_weight, o.class_weight)
+                                     self.dense, o.box_weight, o.class_weight, o.lookup_weight, o.lookup_layers)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
