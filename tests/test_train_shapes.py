@@ -284,13 +284,16 @@ def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) ->
     assert trainer.options == dataclasses.replace(TINY, box_weight=0.5, lr=1e-4)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     trainer = train(tmp_path, steps=3, options=TrainOptions(), log_every=1,
-                    changes={"box_weight": 0.5, "lookup_weight": 1.0})
+                    changes={"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0})
     assert trainer.options.box_weight == 0.5 and trainer.options.lookup_weight == 1.0 and trainer.step == 3
     log = (tmp_path / LOG_FILE).read_text().splitlines()
-    assert log[1] == '{"step": 2, "changed": {"box_weight": 0.5, "lookup_weight": 1.0}}'
-    assert '"box_mae"' in log[2] and '"lookup_mass"' in log[2]
+    assert log[1] == '{"step": 2, "changed": {"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0}}'
+    assert all(f'"{metric}"' in log[2] for metric in ("box_mae", "lookup_mass", "value_mae"))
     # the readout it turned on is saved with the state and resumed with it
-    assert torch.equal(open_trainer(tmp_path, TrainOptions()).dense["box"].weight, trainer.dense["box"].weight)
+    resumed = open_trainer(tmp_path, TrainOptions())
+    assert torch.equal(resumed.dense["box"].weight, trainer.dense["box"].weight)
+    assert sorted(resumed.value) == ["0", "1"]  # the tiny preset has two layers, both probed
+    assert all(torch.equal(resumed.value[k].weight, trainer.value[k].weight) for k in resumed.value)
 
 
 def test_shapes_tokenizer_spells_each_category_in_two_whole_words(tmp_path: Path) -> None:

@@ -57,6 +57,7 @@ CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train.log"
 INIT_STD = 0.02
 BACKGROUND = len(CATEGORIES)  # the object loss's class of an image token outside every box
+READOUTS = ("aux", "dense", "value")  # the trainer's training-only readouts, each with its own optimizer
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class TrainOptions:
     class_weight: float = 0.0  # > 0: add the image tokens' object category loss (see object_loss) with this weight
     lookup_weight: float = 0.0  # > 0: add the answer's look-up attention loss (see lookup_loss) with this weight
     lookup_layers: int = 2  # the look-up loss supervises head 0 of this many last decoder layers
+    value_weight: float = 0.0  # > 0: add the look-up values' box loss (see value_loss) with this weight
     curriculum_steps: int = 1000
     curriculum_shapes: int = 2
     min_pixels: int = MIN_PIXELS
@@ -164,12 +166,14 @@ def coordinate_embeddings(num_coords: int, hidden: int, seed: int, std: float = 
 def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int, num_coords: int,
                  coord_sigma: float, pad_id: int, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
                  dense: torch.nn.ModuleDict | None = None, box_weight: float = 0.0, class_weight: float = 0.0,
-                 lookup_weight: float = 0.0, lookup_layers: int = 2) -> tuple[torch.Tensor, dict[str, float]]:
+                 lookup_weight: float = 0.0, lookup_layers: int = 2, value: torch.nn.ModuleDict | None = None,
+                 value_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over the answer tokens of a batch (soft targets for coordinates) and metrics,
     plus ``aux_weight`` x the image-token position loss (see ``position_loss``) when ``aux`` is given,
     ``box_weight`` / ``class_weight`` x the image-token object losses (see ``object_loss``) when
     ``dense`` is given, and ``lookup_weight`` x the look-up loss (see ``lookup_loss``) of head 0 in
-    the last ``lookup_layers`` layers."""
+    the last ``lookup_layers`` layers, and ``value_weight`` x the box loss of those heads' values
+    (see ``value_loss``) when ``value`` is given."""
     cfg = model.config
     image_embeds = torch.cat([model.encode_image(e.pixel_patches, e.indices) for e in examples])
     length = max(len(e.input_ids) for e in examples)
@@ -184,7 +188,7 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
         positions[:, row, n:] = int(e.positions.max()) + 1 + torch.arange(length - n)
     embeds = model.embed(ids).masked_scatter((ids == cfg.image_token_id)[..., None], image_embeds)
     cache = KVCache.allocate(cfg, batch, length)
-    lookup = lookup_weight > 0
+    lookup = lookup_weight > 0 or (value is not None and value_weight > 0)
     ops = AttentionProbe(range(cfg.num_hidden_layers - lookup_layers, cfg.num_hidden_layers)) if lookup else DecoderOps()
     hidden = model.decode(embeds, positions, cache, torch.arange(length), kv_length=length, ops=ops)
 
@@ -218,11 +222,16 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
                                                            coord_start, num_coords, max(coord_sigma, 1.0))
         loss = loss + box_weight * box_loss + class_weight * class_loss
         aux_metrics.update(object_metrics)
-    if lookup:
+    if lookup_weight > 0:
         attention_loss, lookup_metrics = lookup_loss(ops.probs, ids, positions, examples, cfg.image_token_id,
                                                      coord_start, num_coords)
         loss = loss + lookup_weight * attention_loss
         aux_metrics.update(lookup_metrics)
+    if value is not None and value_weight > 0:
+        box_loss, value_metrics = value_loss(model, value, ops.values, ids, positions, examples, coord_start,
+                                             num_coords, max(coord_sigma, 1.0))
+        loss = loss + value_weight * box_loss
+        aux_metrics.update(value_metrics)
     with torch.no_grad():
         bin_error = (coord_logp.argmax(dim=1) - coord_bins).abs().float()
         # position learned at all? the correlation of the expected bin with the true one, each
@@ -342,10 +351,11 @@ class AttentionProbe(DecoderOps):
     def __init__(self, layers: range) -> None:
         self.layers = set(layers)
         self.probs: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}  # kv head 0's values [B, S, D], what head 0 reads
         self._layer = 0
 
     def attention_context(self, cache_position: torch.Tensor, kv_length: int) -> torch.Tensor:
-        self._layer, self.probs = 0, {}  # once per forward, before the first layer
+        self._layer, self.probs, self.values = 0, {}, {}  # once per forward, before the first layer
         return super().attention_context(cache_position, kv_length)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -357,6 +367,7 @@ class AttentionProbe(DecoderOps):
             keys = key_cache[:, 0, :context.shape[-1]].to(query.dtype)  # [B, S, D], rotated when cached
             scores = (query @ keys.transpose(1, 2)) / math.sqrt(query.shape[-1])
             self.probs[self._layer] = scores.masked_fill(~context, float("-inf")).softmax(dim=-1)
+            self.values[self._layer] = value_cache[:, 0, :context.shape[-1]]
         self._layer += 1
         return out
 
@@ -394,6 +405,29 @@ def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: to
     masses = [(p[rows_t, queries_t] * target).sum(dim=-1) for p in probs.values()]  # each [N]
     loss = torch.stack([-(m + 1e-6).log().mean() for m in masses]).mean()
     return loss, {"lookup_mass": float(torch.stack(masses).detach().mean())}
+
+
+def value_loss(model: RexOmniModel, value: torch.nn.ModuleDict, values: dict[int, torch.Tensor], ids: torch.Tensor,
+               positions: torch.Tensor, examples: list[Example], coord_start: int, num_coords: int, sigma: float,
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Training-only: what the look-up reads. Each object token's value in kv head 0 of the probed
+    layers names its shape's box (x0, y0, x1, y1 as coordinate bins, through ``value[str(layer)]``,
+    head_dim -> 4 x hidden, and the tied coordinate rows), so that attending to a box's tokens
+    brings its box to the answer. The object loss puts the box in the final hidden states, which
+    the look-up layers' values are not. Returns (loss, {"value_mae": mean bin error})."""
+    g = image_grid(ids, positions, model.config.image_token_id)
+    classes, boxes = object_targets(g, examples)
+    on_object = classes != BACKGROUND
+    if not bool(on_object.any()):
+        return ids.new_zeros((), dtype=torch.float32), {}
+    coord_rows = model.head_weight[coord_start:coord_start + num_coords]
+    losses, errors = [], []
+    for layer, layer_values in values.items():
+        readout = value[str(layer)](layer_values[g["mask"]][on_object]).view(-1, 4, coord_rows.shape[1])
+        loss, expected = soft_bin_nll(readout, coord_rows, boxes[on_object], sigma)
+        losses.append(loss)
+        errors.append(float((expected - boxes[on_object]).abs().mean()))
+    return torch.stack(losses).mean(), {"value_mae": float(np.mean(errors))}
 
 
 def learning_rate(options: TrainOptions, step: int) -> float:
@@ -440,6 +474,15 @@ class Trainer:
                 self.dense["box"].weight.copy_(torch.eye(hidden).repeat(4, 1))
             self.dense_optimizer = torch.optim.AdamW(self.dense.parameters(), lr=options.lr, betas=(0.9, 0.98),
                                                      weight_decay=0.0)
+        # the look-up values' readouts, one per probed layer: training only as well
+        self.value: torch.nn.ModuleDict | None = None
+        self.value_optimizer: torch.optim.Optimizer | None = None
+        if options.value_weight > 0:
+            layers = range(self.cfg.num_hidden_layers - options.lookup_layers, self.cfg.num_hidden_layers)
+            self.value = torch.nn.ModuleDict({str(layer): torch.nn.Linear(self.cfg.head_dim, 4 * self.cfg.hidden_size)
+                                              for layer in layers})
+            self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=options.lr, betas=(0.9, 0.98),
+                                                     weight_decay=0.0)
         self.step = 0
 
     def scenes(self, step: int) -> list[Scene]:
@@ -452,7 +495,8 @@ class Trainer:
         o = self.options
         examples = [make_example(s, self.tokenizer, self.cfg, o.min_pixels, o.max_pixels) for s in self.scenes(self.step)]
         lr = learning_rate(o, self.step)
-        optimizers = [opt for opt in (self.optimizer, self.aux_optimizer, self.dense_optimizer) if opt is not None]
+        optimizers = [opt for opt in (self.optimizer, self.aux_optimizer, self.dense_optimizer, self.value_optimizer)
+                      if opt is not None]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -460,7 +504,8 @@ class Trainer:
         sigma = coord_sigma(o, self.step)
         loss, metrics = forward_loss(self.model, examples, self.coord_start, self.num_coords, sigma,
                                      self.tokenizer.ids.endoftext, self.aux, o.aux_weight,
-                                     self.dense, o.box_weight, o.class_weight, o.lookup_weight, o.lookup_layers)
+                                     self.dense, o.box_weight, o.class_weight, o.lookup_weight, o.lookup_layers,
+                                     self.value, o.value_weight)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -474,9 +519,9 @@ class Trainer:
         return {"options": dataclasses.asdict(self.options), "step": self.step,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-                **({"aux": self.aux.state_dict(), "aux_optimizer": self.aux_optimizer.state_dict()} if self.aux else {}),
-                **({"dense": self.dense.state_dict(), "dense_optimizer": self.dense_optimizer.state_dict()}
-                   if self.dense else {})}
+                **{name: state for readout in READOUTS if getattr(self, readout) is not None
+                   for name, state in ((readout, getattr(self, readout).state_dict()),
+                                       (readout + "_optimizer", getattr(self, readout + "_optimizer").state_dict()))}}
 
     def save(self, out: Path) -> None:
         """Write ``out/state.pt`` (resumable) and ``out/checkpoint`` (published layout), each replaced atomically."""
@@ -513,7 +558,7 @@ class Trainer:
         trainer = cls(dataclasses.replace(TrainOptions(**state["options"]), **(changes or {})), tokenizer)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        for name in ("aux", "dense"):
+        for name in READOUTS:
             if getattr(trainer, name) is not None and name in state:
                 getattr(trainer, name).load_state_dict(state[name])
                 getattr(trainer, name + "_optimizer").load_state_dict(state[name + "_optimizer"])
