@@ -45,8 +45,7 @@ def held_out_loss(trainer: Trainer) -> float:
     examples = [make_example(make_scene(2**41 + i), trainer.tokenizer, trainer.cfg, o.min_pixels, o.max_pixels)
                 for i in range(4)]
     with torch.no_grad():
-        loss, _ = forward_loss(trainer.model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                               trainer.tokenizer.ids.endoftext)
+        loss, _ = forward_loss(trainer.model, examples, trainer.tokenizer.ids, o.coord_sigma)
     return float(loss)
 
 
@@ -159,10 +158,10 @@ def test_position_loss_targets_each_image_tokens_own_row_and_column(tmp_path: Pa
             return oracle
 
     with torch.no_grad():
-        _, metrics = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                  trainer.tokenizer.ids.endoftext, Oracle(), 1.0)
-        _, untrained = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                    trainer.tokenizer.ids.endoftext, Twice(), 1.0)
+        _, metrics = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                  Oracle(), 1.0)
+        _, untrained = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                    Twice(), 1.0)
     assert metrics["aux_mae"] < 5 < 100 < untrained["aux_mae"]
 
 
@@ -200,11 +199,11 @@ def test_object_loss_targets_the_box_and_category_under_each_image_token(tmp_pat
     oracle = torch.nn.ModuleDict({"box": Oracle(torch.stack(boxes)),
                                   "category": Oracle(torch.nn.functional.one_hot(torch.tensor(classes)) * 50.0)})
     with torch.no_grad():
-        _, metrics = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                  trainer.tokenizer.ids.endoftext, dense=oracle, box_weight=1.0, class_weight=1.0)
+        _, metrics = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                  dense=oracle, box_weight=1.0, class_weight=1.0)
         fresh = Trainer(TrainOptions(preset="tiny", box_weight=1.0, class_weight=1.0), trainer.tokenizer).dense
-        _, untrained = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                    trainer.tokenizer.ids.endoftext, dense=fresh, box_weight=1.0, class_weight=1.0)
+        _, untrained = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                    dense=fresh, box_weight=1.0, class_weight=1.0)
     assert metrics["class_acc"] == 1.0 and untrained["class_acc"] < 0.9
     assert metrics["box_mae"] < 5 < 100 < untrained["box_mae"]
 
@@ -221,6 +220,7 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
     # (centre inside its pixel box, the smallest box winning) as sequence indices, and the four
     # positions that write its coordinates attending evenly to them
     oracle = torch.full((len(examples), length, length), 1.0 / length)
+    absent = 0
     for b, (scene, example) in enumerate(zip(scenes, examples)):
         padded[b, :len(example.input_ids)] = torch.from_numpy(example.input_ids)
         positions[:, b, :len(example.input_ids)] = torch.from_numpy(example.positions)
@@ -242,9 +242,16 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
             for query in range(first - 1, first + 3):
                 oracle[b, query] = 0.0
                 oracle[b, query, cells] = 1.0 / len(cells)
-    lookup = lookup_loss({3: oracle}, padded, positions, examples, cfg.image_token_id, ids.coord_start, ids.num_coords)
-    uniform = lookup_loss({3: torch.full_like(oracle, 1.0 / length)}, padded, positions, examples,
-                          cfg.image_token_id, ids.coord_start, ids.num_coords)
+        # a category answered None: the look-up found nothing and rests on <|vision_start|>
+        vision_start = int((padded[b] == cfg.vision_start_token_id).nonzero()[0, 0])
+        for query in range(example.num_prompt - 1, len(example.input_ids) - 1):
+            if example.input_ids[query] == ids.box_start and example.input_ids[query + 1] == ids.none[0]:
+                oracle[b, query] = 0.0
+                oracle[b, query, vision_start] = 1.0
+                absent += 1
+    assert absent == sum(len(s.categories) - len({shape.category for shape in s.shapes}) for s in scenes) > 0
+    lookup = lookup_loss({3: oracle}, padded, positions, examples, cfg, ids)
+    uniform = lookup_loss({3: torch.full_like(oracle, 1.0 / length)}, padded, positions, examples, cfg, ids)
     assert lookup[1]["lookup_mass"] == pytest.approx(1.0) and float(lookup[0]) < 1e-4
     assert uniform[1]["lookup_mass"] < 0.2 and float(uniform[0]) > 1.5
 

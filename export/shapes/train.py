@@ -50,7 +50,7 @@ from rexedge.runtime.model.compact import DecoderOps, KVCache, RexOmniModel, Vis
 from rexedge.runtime.request.positions import rope_positions
 from rexedge.runtime.request.preprocess import preprocess
 from rexedge.runtime.request.prompts import box_to_bins, build_task_prompt, encode_prompt
-from rexedge.runtime.request.tokenizer import NUM_COORDS, Tokenizer
+from rexedge.runtime.request.tokenizer import NUM_COORDS, TokenIds, Tokenizer
 
 STATE_FILE = "state.pt"
 CHECKPOINT_DIR = "checkpoint"
@@ -163,8 +163,8 @@ def coordinate_embeddings(num_coords: int, hidden: int, seed: int, std: float = 
     return torch.cat([smooth, noise], dim=1)
 
 
-def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int, num_coords: int,
-                 coord_sigma: float, pad_id: int, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
+def forward_loss(model: RexOmniModel, examples: list[Example], token_ids: TokenIds,
+                 coord_sigma: float, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
                  dense: torch.nn.ModuleDict | None = None, box_weight: float = 0.0, class_weight: float = 0.0,
                  lookup_weight: float = 0.0, lookup_layers: int = 2, value: torch.nn.ModuleDict | None = None,
                  value_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
@@ -175,6 +175,7 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
     the last ``lookup_layers`` layers, and ``value_weight`` x the box loss of those heads' values
     (see ``value_loss``) when ``value`` is given."""
     cfg = model.config
+    coord_start, num_coords, pad_id = token_ids.coord_start, token_ids.num_coords, token_ids.endoftext
     image_embeds = torch.cat([model.encode_image(e.pixel_patches, e.indices) for e in examples])
     length = max(len(e.input_ids) for e in examples)
     batch = len(examples)
@@ -223,8 +224,7 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
         loss = loss + box_weight * box_loss + class_weight * class_loss
         aux_metrics.update(object_metrics)
     if lookup_weight > 0:
-        attention_loss, lookup_metrics = lookup_loss(ops.probs, ids, positions, examples, cfg.image_token_id,
-                                                     coord_start, num_coords)
+        attention_loss, lookup_metrics = lookup_loss(ops.probs, ids, positions, examples, cfg, token_ids)
         loss = loss + lookup_weight * attention_loss
         aux_metrics.update(lookup_metrics)
     if value is not None and value_weight > 0:
@@ -373,19 +373,30 @@ class AttentionProbe(DecoderOps):
 
 
 def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor, examples: list[Example],
-                image_token_id: int, coord_start: int, num_coords: int) -> tuple[torch.Tensor, dict[str, float]]:
+                cfg: RexOmniConfig, token_ids: TokenIds) -> tuple[torch.Tensor, dict[str, float]]:
     """Training-only supervision of the look-up itself: where the answer writes a box's four
     coordinates, head 0 of the probed layers puts its attention on the image tokens of that box
-    (-log of the attention mass there, mean over the positions that predict x0, y0, x1, y1).
+    (-log of the attention mass there, mean over the positions that predict x0, y0, x1, y1);
+    where it answers a category ``None``, on <|vision_start|> (found nothing: a fixed sink, so
+    that what the head reads tells present from absent).
     Without it, runs learned the answer's format, box sizes and each image token's own category
     and box (the object losses) but never which tokens the named category is: the answer's
     coordinates are ~4 sparse, noisy signals per box for a two-step search (the name from the
     phrase, then the tokens that carry it). Returns (loss, {"lookup_mass": mean mass})."""
-    g = image_grid(ids, positions, image_token_id)
+    coord_start, num_coords = token_ids.coord_start, token_ids.num_coords
+    g = image_grid(ids, positions, cfg.image_token_id)
     classes, boxes = object_targets(g, examples)
     token_batch, token_index = g["mask"].nonzero(as_tuple=True)
     rows, queries, masks = [], [], []
     for b, example in enumerate(examples):
+        tokens = example.input_ids
+        sink = torch.from_numpy(tokens == cfg.vision_start_token_id)
+        sink = torch.cat([sink, sink.new_zeros(ids.shape[1] - len(sink))])
+        for query in range(example.num_prompt - 1, len(tokens) - 1):
+            if tokens[query] == token_ids.box_start and tokens[query + 1] == token_ids.none[0]:
+                rows.append(b)
+                queries.append(query)
+                masks.append(sink)
         coords = [i for i in range(example.num_prompt, len(example.input_ids))
                   if coord_start <= example.input_ids[i] < coord_start + num_coords]
         for first in coords[::4]:
@@ -502,8 +513,7 @@ class Trainer:
                 group["lr"] = lr
         self.model.train()
         sigma = coord_sigma(o, self.step)
-        loss, metrics = forward_loss(self.model, examples, self.coord_start, self.num_coords, sigma,
-                                     self.tokenizer.ids.endoftext, self.aux, o.aux_weight,
+        loss, metrics = forward_loss(self.model, examples, self.tokenizer.ids, sigma, self.aux, o.aux_weight,
                                      self.dense, o.box_weight, o.class_weight, o.lookup_weight, o.lookup_layers,
                                      self.value, o.value_weight)
         for optimizer in optimizers:
