@@ -15,11 +15,13 @@ from rexedge.export.shapes.train import (
     CHECKPOINT_DIR,
     LOG_FILE,
     STATE_FILE,
+    AttentionProbe,
     Trainer,
     TrainOptions,
     coord_sigma,
     coordinate_embeddings,
     forward_loss,
+    lookup_loss,
     make_example,
     open_trainer,
     scene_seed,
@@ -28,6 +30,7 @@ from rexedge.export.shapes.train import (
 )
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.model.checkpoint import load_model
+from rexedge.runtime.model.compact import KVCache
 from rexedge.runtime.request.preprocess import preprocess
 from rexedge.runtime.request.prompts import box_to_bins
 
@@ -42,8 +45,7 @@ def held_out_loss(trainer: Trainer) -> float:
     examples = [make_example(make_scene(2**41 + i), trainer.tokenizer, trainer.cfg, o.min_pixels, o.max_pixels)
                 for i in range(4)]
     with torch.no_grad():
-        loss, _ = forward_loss(trainer.model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                               trainer.tokenizer.ids.endoftext)
+        loss, _ = forward_loss(trainer.model, examples, trainer.tokenizer.ids, o.coord_sigma)
     return float(loss)
 
 
@@ -156,10 +158,10 @@ def test_position_loss_targets_each_image_tokens_own_row_and_column(tmp_path: Pa
             return oracle
 
     with torch.no_grad():
-        _, metrics = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                  trainer.tokenizer.ids.endoftext, Oracle(), 1.0)
-        _, untrained = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                    trainer.tokenizer.ids.endoftext, Twice(), 1.0)
+        _, metrics = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                  Oracle(), 1.0)
+        _, untrained = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                    Twice(), 1.0)
     assert metrics["aux_mae"] < 5 < 100 < untrained["aux_mae"]
 
 
@@ -197,13 +199,88 @@ def test_object_loss_targets_the_box_and_category_under_each_image_token(tmp_pat
     oracle = torch.nn.ModuleDict({"box": Oracle(torch.stack(boxes)),
                                   "category": Oracle(torch.nn.functional.one_hot(torch.tensor(classes)) * 50.0)})
     with torch.no_grad():
-        _, metrics = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                  trainer.tokenizer.ids.endoftext, dense=oracle, box_weight=1.0, class_weight=1.0)
+        _, metrics = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                  dense=oracle, box_weight=1.0, class_weight=1.0)
         fresh = Trainer(TrainOptions(preset="tiny", box_weight=1.0, class_weight=1.0), trainer.tokenizer).dense
-        _, untrained = forward_loss(model, examples, trainer.coord_start, trainer.num_coords, o.coord_sigma,
-                                    trainer.tokenizer.ids.endoftext, dense=fresh, box_weight=1.0, class_weight=1.0)
+        _, untrained = forward_loss(model, examples, trainer.tokenizer.ids, o.coord_sigma,
+                                    dense=fresh, box_weight=1.0, class_weight=1.0)
     assert metrics["class_acc"] == 1.0 and untrained["class_acc"] < 0.9
     assert metrics["box_mae"] < 5 < 100 < untrained["box_mae"]
+
+
+def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: Path) -> None:
+    trainer = open_trainer(tmp_path, TrainOptions(preset="tiny", min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28))
+    o, cfg, ids = trainer.options, trainer.cfg, trainer.tokenizer.ids
+    scenes = [s for s in map(make_scene, range(2**41, 2**41 + 60)) if len(s.shapes) >= 3][:2] + [make_scene(7)]
+    examples = [make_example(s, trainer.tokenizer, cfg, o.min_pixels, o.max_pixels) for s in scenes]
+    length = max(len(e.input_ids) for e in examples)
+    padded = torch.full((len(examples), length), ids.endoftext)
+    positions = torch.zeros((3, len(examples), length), dtype=torch.int64)
+    # an oracle from the scene itself: the answer's boxes in writing order, each one's merged cells
+    # (centre inside its pixel box, the smallest box winning) as sequence indices, and the four
+    # positions that write its coordinates attending evenly to them
+    oracle = torch.full((len(examples), length, length), 1.0 / length)
+    absent = 0
+    for b, (scene, example) in enumerate(zip(scenes, examples)):
+        padded[b, :len(example.input_ids)] = torch.from_numpy(example.input_ids)
+        positions[:, b, :len(example.input_ids)] = torch.from_numpy(example.positions)
+        rows, cols = preprocess(scene.image, o.min_pixels, o.max_pixels, cfg=cfg).merged_grid_hw
+        image_index = (padded[b] == cfg.image_token_id).nonzero()[:, 0]
+        width, height = scene.size
+        written = [i for i in range(example.num_prompt, len(example.input_ids))
+                   if ids.coord_start <= example.input_ids[i] < ids.coord_start + ids.num_coords][::4]
+        answer_boxes = [box for _, boxes in scene.answer_groups() for box in boxes or ()]
+        assert len(written) == len(answer_boxes) == len(scene.shapes)
+        for first, bins in zip(written, answer_boxes):
+            shape = next(s for s in scene.shapes if box_to_bins(s.box, scene.size) == bins)
+            cells = []
+            for k in range(rows * cols):
+                x, y = (k % cols + 0.5) / cols * width, (k // cols + 0.5) / rows * height
+                under = [s for s in scene.shapes if s.box[0] <= x <= s.box[2] and s.box[1] <= y <= s.box[3]]
+                if min(under, key=lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1]), default=None) is shape:
+                    cells.append(int(image_index[k]))
+            for query in range(first - 1, first + 3):
+                oracle[b, query] = 0.0
+                oracle[b, query, cells] = 1.0 / len(cells)
+        # a category answered None: the look-up found nothing and rests on <|vision_start|>
+        vision_start = int((padded[b] == cfg.vision_start_token_id).nonzero()[0, 0])
+        for query in range(example.num_prompt - 1, len(example.input_ids) - 1):
+            if example.input_ids[query] == ids.box_start and example.input_ids[query + 1] == ids.none[0]:
+                oracle[b, query] = 0.0
+                oracle[b, query, vision_start] = 1.0
+                absent += 1
+    assert absent == sum(len(s.categories) - len({shape.category for shape in s.shapes}) for s in scenes) > 0
+    lookup = lookup_loss({3: oracle}, padded, positions, examples, cfg, ids)
+    uniform = lookup_loss({3: torch.full_like(oracle, 1.0 / length)}, padded, positions, examples, cfg, ids)
+    assert lookup[1]["lookup_mass"] == pytest.approx(1.0) and float(lookup[0]) < 1e-4
+    assert uniform[1]["lookup_mass"] < 0.2 and float(uniform[0]) > 1.5
+
+
+def test_attention_probe_keeps_the_probabilities_the_attention_used(tmp_path: Path) -> None:
+    trainer = open_trainer(tmp_path, TrainOptions(preset="tiny"))
+    cfg, model = trainer.cfg, trainer.model
+    torch.manual_seed(3)
+    length = 23
+    embeds = torch.randn(2, length, cfg.hidden_size)
+    positions = torch.randint(0, 40, (3, 2, length))
+    outputs = {}
+
+    class Probe(AttentionProbe):
+        def attention(self, q, k, v, cos, sin, key_cache, value_cache, cache_position, context):
+            layer = self._layer
+            out = super().attention(q, k, v, cos, sin, key_cache, value_cache, cache_position, context)
+            outputs[layer] = (out[:, :, 0], value_cache[:, 0, :length].clone())
+            return out
+
+    probe = Probe(range(1, cfg.num_hidden_layers))
+    with torch.no_grad():
+        model.decode(embeds, positions, KVCache.allocate(cfg, 2, length), torch.arange(length), length, ops=probe)
+    assert sorted(probe.probs) == list(range(1, cfg.num_hidden_layers))
+    for layer, probs in probe.probs.items():
+        head_out, values = outputs[layer]
+        assert torch.allclose(probs.sum(-1), torch.ones(2, length))
+        assert probs.triu(diagonal=1).abs().max() == 0  # causal
+        torch.testing.assert_close(probs @ values, head_out, rtol=1e-4, atol=1e-5)
 
 
 def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) -> None:
@@ -213,12 +290,17 @@ def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) ->
     assert trainer.step == 2 and trainer.dense is not None
     assert trainer.options == dataclasses.replace(TINY, box_weight=0.5, lr=1e-4)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    trainer = train(tmp_path, steps=3, options=TrainOptions(), log_every=1, changes={"box_weight": 0.5})
-    assert trainer.options.box_weight == 0.5 and trainer.step == 3
+    trainer = train(tmp_path, steps=3, options=TrainOptions(), log_every=1,
+                    changes={"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0})
+    assert trainer.options.box_weight == 0.5 and trainer.options.lookup_weight == 1.0 and trainer.step == 3
     log = (tmp_path / LOG_FILE).read_text().splitlines()
-    assert log[1] == '{"step": 2, "changed": {"box_weight": 0.5}}' and '"box_mae"' in log[2]
+    assert log[1] == '{"step": 2, "changed": {"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0}}'
+    assert all(f'"{metric}"' in log[2] for metric in ("box_mae", "lookup_mass", "value_mae"))
     # the readout it turned on is saved with the state and resumed with it
-    assert torch.equal(open_trainer(tmp_path, TrainOptions()).dense["box"].weight, trainer.dense["box"].weight)
+    resumed = open_trainer(tmp_path, TrainOptions())
+    assert torch.equal(resumed.dense["box"].weight, trainer.dense["box"].weight)
+    assert sorted(resumed.value) == ["0", "1"]  # the tiny preset has two layers, both probed
+    assert all(torch.equal(resumed.value[k].weight, trainer.value[k].weight) for k in resumed.value)
 
 
 def test_shapes_tokenizer_spells_each_category_in_two_whole_words(tmp_path: Path) -> None:

@@ -46,17 +46,18 @@ from rexedge.export.shapes.scenes import CATEGORIES, MAX_PIXELS, MAX_SHAPES, MIN
 from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.errors import RexEdgeError
 from rexedge.runtime.model.checkpoint import expected_tensor_shapes
-from rexedge.runtime.model.compact import KVCache, RexOmniModel, VisionIndices
+from rexedge.runtime.model.compact import DecoderOps, KVCache, RexOmniModel, VisionIndices, apply_rotary
 from rexedge.runtime.request.positions import rope_positions
 from rexedge.runtime.request.preprocess import preprocess
 from rexedge.runtime.request.prompts import box_to_bins, build_task_prompt, encode_prompt
-from rexedge.runtime.request.tokenizer import NUM_COORDS, Tokenizer
+from rexedge.runtime.request.tokenizer import NUM_COORDS, TokenIds, Tokenizer
 
 STATE_FILE = "state.pt"
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train.log"
 INIT_STD = 0.02
 BACKGROUND = len(CATEGORIES)  # the object loss's class of an image token outside every box
+READOUTS = ("aux", "dense", "value")  # the trainer's training-only readouts, each with its own optimizer
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,9 @@ class TrainOptions:
     aux_weight: float = 0.0  # > 0: add the image tokens' position loss (see position_loss) with this weight
     box_weight: float = 0.0  # > 0: add the image tokens' object box loss (see object_loss) with this weight
     class_weight: float = 0.0  # > 0: add the image tokens' object category loss (see object_loss) with this weight
+    lookup_weight: float = 0.0  # > 0: add the answer's look-up attention loss (see lookup_loss) with this weight
+    lookup_layers: int = 2  # the look-up loss supervises head 0 of this many last decoder layers
+    value_weight: float = 0.0  # > 0: add the look-up values' box loss (see value_loss) with this weight
     curriculum_steps: int = 1000
     curriculum_shapes: int = 2
     min_pixels: int = MIN_PIXELS
@@ -159,15 +163,19 @@ def coordinate_embeddings(num_coords: int, hidden: int, seed: int, std: float = 
     return torch.cat([smooth, noise], dim=1)
 
 
-def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int, num_coords: int,
-                 coord_sigma: float, pad_id: int, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
+def forward_loss(model: RexOmniModel, examples: list[Example], token_ids: TokenIds,
+                 coord_sigma: float, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
                  dense: torch.nn.ModuleDict | None = None, box_weight: float = 0.0, class_weight: float = 0.0,
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+                 lookup_weight: float = 0.0, lookup_layers: int = 2, value: torch.nn.ModuleDict | None = None,
+                 value_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over the answer tokens of a batch (soft targets for coordinates) and metrics,
     plus ``aux_weight`` x the image-token position loss (see ``position_loss``) when ``aux`` is given,
-    and ``box_weight`` / ``class_weight`` x the image-token object losses (see ``object_loss``) when
-    ``dense`` is given."""
+    ``box_weight`` / ``class_weight`` x the image-token object losses (see ``object_loss``) when
+    ``dense`` is given, and ``lookup_weight`` x the look-up loss (see ``lookup_loss``) of head 0 in
+    the last ``lookup_layers`` layers, and ``value_weight`` x the box loss of those heads' values
+    (see ``value_loss``) when ``value`` is given."""
     cfg = model.config
+    coord_start, num_coords, pad_id = token_ids.coord_start, token_ids.num_coords, token_ids.endoftext
     image_embeds = torch.cat([model.encode_image(e.pixel_patches, e.indices) for e in examples])
     length = max(len(e.input_ids) for e in examples)
     batch = len(examples)
@@ -181,7 +189,9 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
         positions[:, row, n:] = int(e.positions.max()) + 1 + torch.arange(length - n)
     embeds = model.embed(ids).masked_scatter((ids == cfg.image_token_id)[..., None], image_embeds)
     cache = KVCache.allocate(cfg, batch, length)
-    hidden = model.decode(embeds, positions, cache, torch.arange(length), kv_length=length)
+    lookup = lookup_weight > 0 or (value is not None and value_weight > 0)
+    ops = AttentionProbe(range(cfg.num_hidden_layers - lookup_layers, cfg.num_hidden_layers)) if lookup else DecoderOps()
+    hidden = model.decode(embeds, positions, cache, torch.arange(length), kv_length=length, ops=ops)
 
     rows, cols = [], []
     for row, e in enumerate(examples):
@@ -213,6 +223,15 @@ def forward_loss(model: RexOmniModel, examples: list[Example], coord_start: int,
                                                            coord_start, num_coords, max(coord_sigma, 1.0))
         loss = loss + box_weight * box_loss + class_weight * class_loss
         aux_metrics.update(object_metrics)
+    if lookup_weight > 0:
+        attention_loss, lookup_metrics = lookup_loss(ops.probs, ids, positions, examples, cfg, token_ids)
+        loss = loss + lookup_weight * attention_loss
+        aux_metrics.update(lookup_metrics)
+    if value is not None and value_weight > 0:
+        box_loss, value_metrics = value_loss(model, value, ops.values, ids, positions, examples, coord_start,
+                                             num_coords, max(coord_sigma, 1.0))
+        loss = loss + value_weight * box_loss
+        aux_metrics.update(value_metrics)
     with torch.no_grad():
         bin_error = (coord_logp.argmax(dim=1) - coord_bins).abs().float()
         # position learned at all? the correlation of the expected bin with the true one, each
@@ -283,6 +302,21 @@ def position_loss(model: RexOmniModel, aux: torch.nn.Module, hidden: torch.Tenso
     return loss, {"aux_nll": loss.item(), "aux_mae": float((expected - targets).abs().mean())}
 
 
+def object_targets(g: dict[str, torch.Tensor], examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image token of ``image_grid`` ``g``: the category index of the shape whose box holds its
+    centre (``BACKGROUND`` if none) and that box in bins [N, 4] (zeros on background)."""
+    classes = torch.full_like(g["x"], BACKGROUND, dtype=torch.int64)
+    boxes = torch.zeros((len(classes), 4))
+    for b, example in enumerate(examples):
+        # larger boxes first, so that where two overlap the smaller (drawn on top, mostly) wins
+        for category, box in sorted(example.objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
+            inside = ((g["batch"] == b) & (g["x"] >= box[0]) & (g["x"] <= box[2])
+                      & (g["y"] >= box[1]) & (g["y"] <= box[3]))
+            classes[inside] = category
+            boxes[inside] = torch.tensor(box, dtype=torch.float32)
+    return classes, boxes
+
+
 def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.Tensor, ids: torch.Tensor,
                 positions: torch.Tensor, examples: list[Example], coord_start: int, num_coords: int, sigma: float,
                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
@@ -294,15 +328,7 @@ def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.T
     coordinates per scene are a sparse signal, the ~100 image tokens a dense one.
     Returns (box loss, category loss, metrics)."""
     g = image_grid(ids, positions, model.config.image_token_id)
-    classes = torch.full_like(g["x"], BACKGROUND, dtype=torch.int64)
-    boxes = torch.zeros((len(classes), 4))
-    for b, example in enumerate(examples):
-        # larger boxes first, so that where two overlap the smaller (drawn on top, mostly) wins
-        for category, box in sorted(example.objects, key=lambda o: -(o[1][2] - o[1][0]) * (o[1][3] - o[1][1])):
-            inside = ((g["batch"] == b) & (g["x"] >= box[0]) & (g["x"] <= box[2])
-                      & (g["y"] >= box[1]) & (g["y"] <= box[3]))
-            classes[inside] = category
-            boxes[inside] = torch.tensor(box, dtype=torch.float32)
+    classes, boxes = object_targets(g, examples)
     image_hidden = hidden[g["mask"]]
     class_logits = dense["category"](image_hidden)
     class_loss = F.cross_entropy(class_logits.float(), classes)
@@ -315,6 +341,104 @@ def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.T
     box_loss, expected = soft_bin_nll(readout, coord_rows, boxes[on_object], sigma)
     metrics.update(box_nll=box_loss.item(), box_mae=float((expected - boxes[on_object]).abs().mean()))
     return box_loss, class_loss, metrics
+
+
+class AttentionProbe(DecoderOps):
+    """Training only: the plain-torch ops that also keep head 0's attention probabilities
+    [B, T, S] in each layer of ``layers`` (indices), for ``lookup_loss``. SDPA does not return
+    its probabilities, so head 0's are computed again from the rotated query and the cached keys."""
+
+    def __init__(self, layers: range) -> None:
+        self.layers = set(layers)
+        self.probs: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}  # kv head 0's values [B, S, D], what head 0 reads
+        self._layer = 0
+
+    def attention_context(self, cache_position: torch.Tensor, kv_length: int) -> torch.Tensor:
+        self._layer, self.probs, self.values = 0, {}, {}  # once per forward, before the first layer
+        return super().attention_context(cache_position, kv_length)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  key_cache: torch.Tensor, value_cache: torch.Tensor, cache_position: torch.Tensor,
+                  context: torch.Tensor) -> torch.Tensor:
+        out = super().attention(q, k, v, cos, sin, key_cache, value_cache, cache_position, context)
+        if self._layer in self.layers:
+            query = apply_rotary(q[:, :, 0], cos, sin)  # [B, T, D]; head 0 reads kv head 0
+            keys = key_cache[:, 0, :context.shape[-1]].to(query.dtype)  # [B, S, D], rotated when cached
+            scores = (query @ keys.transpose(1, 2)) / math.sqrt(query.shape[-1])
+            self.probs[self._layer] = scores.masked_fill(~context, float("-inf")).softmax(dim=-1)
+            self.values[self._layer] = value_cache[:, 0, :context.shape[-1]]
+        self._layer += 1
+        return out
+
+
+def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor, examples: list[Example],
+                cfg: RexOmniConfig, token_ids: TokenIds) -> tuple[torch.Tensor, dict[str, float]]:
+    """Training-only supervision of the look-up itself: where the answer writes a box's four
+    coordinates, head 0 of the probed layers puts its attention on the image tokens of that box
+    (-log of the attention mass there, mean over the positions that predict x0, y0, x1, y1);
+    where it answers a category ``None``, on <|vision_start|> (found nothing: a fixed sink, so
+    that what the head reads tells present from absent).
+    Without it, runs learned the answer's format, box sizes and each image token's own category
+    and box (the object losses) but never which tokens the named category is: the answer's
+    coordinates are ~4 sparse, noisy signals per box for a two-step search (the name from the
+    phrase, then the tokens that carry it). Returns (loss, {"lookup_mass": mean mass})."""
+    coord_start, num_coords = token_ids.coord_start, token_ids.num_coords
+    g = image_grid(ids, positions, cfg.image_token_id)
+    classes, boxes = object_targets(g, examples)
+    token_batch, token_index = g["mask"].nonzero(as_tuple=True)
+    rows, queries, masks = [], [], []
+    for b, example in enumerate(examples):
+        tokens = example.input_ids
+        sink = torch.from_numpy(tokens == cfg.vision_start_token_id)
+        sink = torch.cat([sink, sink.new_zeros(ids.shape[1] - len(sink))])
+        for query in range(example.num_prompt - 1, len(tokens) - 1):
+            if tokens[query] == token_ids.box_start and tokens[query + 1] == token_ids.none[0]:
+                rows.append(b)
+                queries.append(query)
+                masks.append(sink)
+        coords = [i for i in range(example.num_prompt, len(example.input_ids))
+                  if coord_start <= example.input_ids[i] < coord_start + num_coords]
+        for first in coords[::4]:
+            box = torch.tensor([int(example.input_ids[first + j]) - coord_start for j in range(4)], dtype=torch.float32)
+            on_box = (token_batch == b) & (classes != BACKGROUND) & (boxes == box).all(dim=1)
+            if not bool(on_box.any()):
+                continue  # hidden under another shape
+            mask = torch.zeros(ids.shape[1], dtype=torch.bool)
+            mask[token_index[on_box]] = True
+            for query in range(first - 1, first + 3):  # the positions whose next token is x0, y0, x1, y1
+                rows.append(b)
+                queries.append(query)
+                masks.append(mask)
+    if not rows:
+        return ids.new_zeros((), dtype=torch.float32), {}
+    rows_t, queries_t, target = torch.tensor(rows), torch.tensor(queries), torch.stack(masks)
+    masses = [(p[rows_t, queries_t] * target).sum(dim=-1) for p in probs.values()]  # each [N]
+    loss = torch.stack([-(m + 1e-6).log().mean() for m in masses]).mean()
+    return loss, {"lookup_mass": float(torch.stack(masses).detach().mean())}
+
+
+def value_loss(model: RexOmniModel, value: torch.nn.ModuleDict, values: dict[int, torch.Tensor], ids: torch.Tensor,
+               positions: torch.Tensor, examples: list[Example], coord_start: int, num_coords: int, sigma: float,
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Training-only: what the look-up reads. Each object token's value in kv head 0 of the probed
+    layers names its shape's box (x0, y0, x1, y1 as coordinate bins, through ``value[str(layer)]``,
+    head_dim -> 4 x hidden, and the tied coordinate rows), so that attending to a box's tokens
+    brings its box to the answer. The object loss puts the box in the final hidden states, which
+    the look-up layers' values are not. Returns (loss, {"value_mae": mean bin error})."""
+    g = image_grid(ids, positions, model.config.image_token_id)
+    classes, boxes = object_targets(g, examples)
+    on_object = classes != BACKGROUND
+    if not bool(on_object.any()):
+        return ids.new_zeros((), dtype=torch.float32), {}
+    coord_rows = model.head_weight[coord_start:coord_start + num_coords]
+    losses, errors = [], []
+    for layer, layer_values in values.items():
+        readout = value[str(layer)](layer_values[g["mask"]][on_object]).view(-1, 4, coord_rows.shape[1])
+        loss, expected = soft_bin_nll(readout, coord_rows, boxes[on_object], sigma)
+        losses.append(loss)
+        errors.append(float((expected - boxes[on_object]).abs().mean()))
+    return torch.stack(losses).mean(), {"value_mae": float(np.mean(errors))}
 
 
 def learning_rate(options: TrainOptions, step: int) -> float:
@@ -361,6 +485,15 @@ class Trainer:
                 self.dense["box"].weight.copy_(torch.eye(hidden).repeat(4, 1))
             self.dense_optimizer = torch.optim.AdamW(self.dense.parameters(), lr=options.lr, betas=(0.9, 0.98),
                                                      weight_decay=0.0)
+        # the look-up values' readouts, one per probed layer: training only as well
+        self.value: torch.nn.ModuleDict | None = None
+        self.value_optimizer: torch.optim.Optimizer | None = None
+        if options.value_weight > 0:
+            layers = range(self.cfg.num_hidden_layers - options.lookup_layers, self.cfg.num_hidden_layers)
+            self.value = torch.nn.ModuleDict({str(layer): torch.nn.Linear(self.cfg.head_dim, 4 * self.cfg.hidden_size)
+                                              for layer in layers})
+            self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=options.lr, betas=(0.9, 0.98),
+                                                     weight_decay=0.0)
         self.step = 0
 
     def scenes(self, step: int) -> list[Scene]:
@@ -373,15 +506,16 @@ class Trainer:
         o = self.options
         examples = [make_example(s, self.tokenizer, self.cfg, o.min_pixels, o.max_pixels) for s in self.scenes(self.step)]
         lr = learning_rate(o, self.step)
-        optimizers = [opt for opt in (self.optimizer, self.aux_optimizer, self.dense_optimizer) if opt is not None]
+        optimizers = [opt for opt in (self.optimizer, self.aux_optimizer, self.dense_optimizer, self.value_optimizer)
+                      if opt is not None]
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         self.model.train()
         sigma = coord_sigma(o, self.step)
-        loss, metrics = forward_loss(self.model, examples, self.coord_start, self.num_coords, sigma,
-                                     self.tokenizer.ids.endoftext, self.aux, o.aux_weight,
-                                     self.dense, o.box_weight, o.class_weight)
+        loss, metrics = forward_loss(self.model, examples, self.tokenizer.ids, sigma, self.aux, o.aux_weight,
+                                     self.dense, o.box_weight, o.class_weight, o.lookup_weight, o.lookup_layers,
+                                     self.value, o.value_weight)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -395,9 +529,9 @@ class Trainer:
         return {"options": dataclasses.asdict(self.options), "step": self.step,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
-                **({"aux": self.aux.state_dict(), "aux_optimizer": self.aux_optimizer.state_dict()} if self.aux else {}),
-                **({"dense": self.dense.state_dict(), "dense_optimizer": self.dense_optimizer.state_dict()}
-                   if self.dense else {})}
+                **{name: state for readout in READOUTS if getattr(self, readout) is not None
+                   for name, state in ((readout, getattr(self, readout).state_dict()),
+                                       (readout + "_optimizer", getattr(self, readout + "_optimizer").state_dict()))}}
 
     def save(self, out: Path) -> None:
         """Write ``out/state.pt`` (resumable) and ``out/checkpoint`` (published layout), each replaced atomically."""
@@ -434,7 +568,7 @@ class Trainer:
         trainer = cls(dataclasses.replace(TrainOptions(**state["options"]), **(changes or {})), tokenizer)
         trainer.model.load_state_dict(state["model"])
         trainer.optimizer.load_state_dict(state["optimizer"])
-        for name in ("aux", "dense"):
+        for name in READOUTS:
             if getattr(trainer, name) is not None and name in state:
                 getattr(trainer, name).load_state_dict(state[name])
                 getattr(trainer, name + "_optimizer").load_state_dict(state[name + "_optimizer"])
