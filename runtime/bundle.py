@@ -239,11 +239,13 @@ def update_manifest(path: str | Path, updates: Mapping[str, Any], added_files: I
     manifest = _read_manifest(directory)
     manifest.update(json.loads(json.dumps(dict(updates))))  # tuples -> lists, as a reader will see them
     files = dict(manifest[FILES])
+    cache = HashCache()   # remembered, so the next load does not hash the new files again
     for name in added_files:
         file = directory / name
         if not file.is_file():
             raise BundleError(f"{file}: cannot be listed in {MANIFEST}, it does not exist")
-        files[name] = _file_entry(file)
+        files[name] = {"sha256": cache.sha256(file), "bytes": file.stat().st_size}
+    cache.save()
     manifest[FILES] = dict(sorted(files.items()))
     manifest[DIGEST_KEY] = manifest_digest(manifest)
     staging = directory / (MANIFEST + ".partial")

@@ -42,6 +42,7 @@ HEAD = "head"                # {"file", "dtype", "shape", "coord_rows"}
 GRAPHS = "graphs"            # {VISION: graph entry, DECODER: graph entry}
 FILES = "files"              # {file name: {"sha256", "bytes"}}
 ENGINES = "engines"          # TensorRT engine records (rexedge build)
+PREPACKED = "prepacked"      # ONNX Runtime prepacked-weight graph records per CPU target (rexedge prepack)
 QUANTIZATION = "quantization"  # how an int8 bundle was calibrated
 
 VISION, DECODER = "vision", "decoder"   # the graphs

@@ -54,11 +54,15 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 
 
 def open_session(path: Path, threads: int | None = None, precision: str = "fp32", providers: list = CPU,
-                 device: str = "cpu", who: str = "ort backend") -> ort.InferenceSession:
+                 device: str = "cpu", who: str = "ort backend", optimized: bool = False) -> ort.InferenceSession:
     """An InferenceSession over the graph at ``path``; a graph this onnxruntime cannot load, or a CUDA
-    request it could not honour, is a BackendError naming ``who`` asked."""
+    request it could not honour, is a BackendError naming ``who`` asked. ``optimized``: the graph is one
+    ONNX Runtime saved already optimized (``rexedge prepack``), so its optimizers do not run again."""
+    options = session_options(threads)
+    if optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=providers,
+        session = ort.InferenceSession(str(path), options, providers=providers,
                                        disabled_optimizers=DISABLED_OPTIMIZERS.get(precision, []))
     except Exception as e:  # onnxruntime raises its own exception types with a message
         # e.g. an older onnxruntime without a contrib operator the graph uses (bundles use

@@ -38,7 +38,14 @@ from rexedge.runtime.backends.base import (
     check_slot,
     check_token_ids,
 )
-from rexedge.runtime.backends.graph_session import HeadSession, InPlaceSession, SlotSession, open_session
+from rexedge.runtime.backends.graph_session import (
+    CPU,
+    HeadSession,
+    InPlaceSession,
+    SlotSession,
+    open_session,
+)
+from rexedge.runtime.backends.prepacked import HEAD_GRAPH, prepacked_graphs
 from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.decode.head import NumpyHead, Sampling
@@ -95,16 +102,23 @@ class OrtBackend(HostHeadBackend):
         if not 1 <= max_context <= cfg.max_position_embeddings:
             raise BackendError(f"ort backend: max_context must be in 1..{cfg.max_position_embeddings}, "
                                f"got {max_context}")
+        # this CPU's prepacked graphs (rexedge prepack) load without prepacking and optimizing again
+        self.prepacked = prepacked_graphs(bundle) if device == "cpu" else {}
+
+        def graph(name: str, file: str, providers: list = providers, device: str = device) -> ort.InferenceSession:
+            return open_session(bundle.path(self.prepacked.get(name, file)), threads, bundle.precision, providers,
+                                device, optimized=name in self.prepacked)
+
         # The vision graph's activations change size with every image, and ONNX Runtime's CPU
         # arena keeps the largest ever seen. So the arena serves the blocks within one run and
         # gives its memory back after each run (arena shrinkage). cpu-bench preset, 1,479 image
         # tokens, ort flavour (flash attention), 6 runs each: 0.93 s, peak RSS 411 MB, 193 MB
         # resident afterwards; without an arena 0.97-1.0 s, 550 MB, 250-280 MB; an arena kept
         # 0.86 s, 597 MB, 597 MB (an older dense-attention graph kept 2.9 GB that way).
-        self._vision = open_session(bundle.path(bundle.vision.file), threads, bundle.precision, providers, device)
+        self._vision = graph(schema.VISION, bundle.vision.file)
         self._vision_run = ort.RunOptions()
         self._vision_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        decoder = open_session(bundle.path(bundle.decoder.file), threads, bundle.precision, providers, device)
+        decoder = graph(schema.DECODER, bundle.decoder.file)
         kv_dtype = _KV_DTYPES[bundle.precision]
         if max_batch == 1:
             self._decoder = InPlaceSession(decoder, cfg, max_context, kv_dtype, device_type, device_id)
@@ -118,7 +132,7 @@ class OrtBackend(HostHeadBackend):
         # weight-quantized bundles: full-vocabulary head products on the int8 head graph, not the float table
         head = bundle.head_graph
         self._head = None if head is None else HeadSession(
-            open_session(bundle.path(head[schema.FILE]), threads, bundle.precision), cfg.hidden_size, cfg.vocab_size)
+            graph(HEAD_GRAPH, head[schema.FILE], CPU, "cpu"), cfg.hidden_size, cfg.vocab_size)
 
         self.bundle = bundle
         self.config = cfg

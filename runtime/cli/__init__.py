@@ -42,6 +42,12 @@ def _build(args: argparse.Namespace) -> None:
     build_command(args)
 
 
+def _prepack(args: argparse.Namespace) -> None:
+    from rexedge.export.prepack import prepack_bundle
+
+    prepack_bundle(args.bundle, threads=args.threads, progress=not args.quiet)
+
+
 def _calibrate(args: argparse.Namespace) -> None:
     try:
         from rexedge.calib.quantize import calibrate_command
@@ -293,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="cuda or cuda:N (default: cuda)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_build)
+
+    p = sub.add_parser("prepack", help="save ONNX Runtime's prepacked weights for this CPU in a bundle (faster loads)")
+    p.add_argument("bundle", help="bundle directory (rexedge export, ort flavour)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=_prepack)
 
     p = sub.add_parser("calibrate", help="INT8: calibrate an fp32 bundle on your images and write Q/DQ graphs")
     p.add_argument("bundle", help="fp32 bundle directory (rexedge export), any flavour")
