@@ -123,9 +123,12 @@ class ByteModel:
     decoder_weight_bytes: int     # every text layer and the final norm, as the backend stores them
     kv_bytes_per_value: int       # KV cache element
     head_bytes_per_value: int     # head table element
+    full_head_bytes: int | None = None   # a weight-quantized bundle's head graph, which full-vocabulary steps read
 
     def step_bytes(self, context: float, head_rows: int) -> float:
         """Weights + the keys/values of ``context`` cached tokens + ``head_rows`` rows of the head."""
         cfg = self.cfg
         kv = context * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * self.kv_bytes_per_value
+        if head_rows == cfg.vocab_size and self.full_head_bytes is not None:
+            return self.decoder_weight_bytes + kv + self.full_head_bytes
         return self.decoder_weight_bytes + kv + head_rows * cfg.hidden_size * self.head_bytes_per_value

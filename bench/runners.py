@@ -63,7 +63,9 @@ class RexedgeRunner:
         if bundle is not None:  # exported graphs: the decoder's weight file is exactly what a step reads
             weight_bytes = bundle.manifest[schema.FILES][bundle.decoder.data]["bytes"]
             value_bytes = 2 if bundle.precision == "fp16" else 4
-            return ByteModel(self.config, weight_bytes, value_bytes, head_bytes)
+            head_graph = bundle.head_graph
+            full_head = None if head_graph is None else bundle.manifest[schema.FILES][head_graph[schema.DATA]]["bytes"]
+            return ByteModel(self.config, weight_bytes, value_bytes, head_bytes, full_head)
         from rexedge.bench.metrics import decoder_weight_count
 
         value_bytes = 4 if dtype in ("float32", "fp32") else 2

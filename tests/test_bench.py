@@ -213,3 +213,17 @@ def test_weights_quality_compares_each_bundle_with_the_first(tiny_checkpoint: Pa
     for key in ("hidden_cosine_min", "coord_logit_cosine_min", "coord_argmax_agreement", "token_agreement"):
         assert twin_row[key] == pytest.approx(1.0, abs=1e-6)
     assert 0 < int4_row["hidden_cosine_min"] < 1 - 1e-6 and 0 < int4_row["coord_logit_cosine_mean"] < 1
+
+
+def test_a_full_vocabulary_step_of_an_int4_bundle_reads_its_head_graph(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The byte model of a weight-quantized bundle: a full-vocabulary step reads the decoder's and the int8 head
+    graph's weight files (not the float table); a coordinate step the decoder's and 1,000 float rows."""
+    from rexedge.bench.runners import RexedgeRunner
+    from rexedge.export.bundle import export_bundle
+
+    int4 = export_bundle(tiny_checkpoint, tmp_path / "int4", progress=False, weights="int4")
+    model = RexedgeRunner("ort", int4, "cpu", 512).byte_model
+    cfg = model.cfg
+    decoder, head = (int4 / "decoder.onnx.data").stat().st_size, (int4 / "head.onnx.data").stat().st_size
+    assert model.step_bytes(0, cfg.vocab_size) == decoder + head
+    assert model.step_bytes(0, 1000) == decoder + 1000 * cfg.hidden_size * 4
