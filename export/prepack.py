@@ -75,3 +75,19 @@ def prepack_bundle(bundle_dir: str | Path, threads: int | None = None, progress:
     if progress:
         print(f"prepack: recorded prepacked graphs for {target} in {bundle.directory / schema.MANIFEST}")
     return files
+
+
+def remove_prepacked(bundle_dir: str | Path, progress: bool = True) -> list[str]:
+    """Take this CPU's prepacked graphs out of the bundle (its record, then its files); returns the files removed."""
+    bundle = load_bundle(bundle_dir, verify_hashes=False)
+    target = cpu_target()
+    records = bundle.manifest.get(schema.PREPACKED, [])
+    removed = sorted(n for r in records if r.get("target") == target
+                     for f in r[schema.FILES].values() for n in (f, f + ".data"))
+    update_manifest(bundle.directory, {schema.PREPACKED: [r for r in records if r.get("target") != target]},
+                    removed_files=removed)
+    for name in removed:   # after the manifest stops listing them: a reader never finds a listed file missing
+        bundle.path(name).unlink(missing_ok=True)
+    if progress:
+        print(f"prepack: removed {len(removed)} files of {target} from {bundle.directory}")
+    return removed

@@ -228,8 +228,10 @@ def seal_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def update_manifest(path: str | Path, updates: Mapping[str, Any], added_files: Iterable[str] = ()) -> dict[str, Any]:
-    """Set top-level manifest entries and list new files (sha256 and size) in a bundle; returns the new manifest.
+def update_manifest(path: str | Path, updates: Mapping[str, Any], added_files: Iterable[str] = (),
+                    removed_files: Iterable[str] = ()) -> dict[str, Any]:
+    """Set top-level manifest entries, list new files (sha256 and size) in a bundle and unlist removed ones;
+    returns the new manifest.
 
     The manifest is checked first (an altered one is refused, not re-signed), the digest is
     recomputed over the result, and the file is replaced atomically: a reader sees the old
@@ -246,6 +248,8 @@ def update_manifest(path: str | Path, updates: Mapping[str, Any], added_files: I
             raise BundleError(f"{file}: cannot be listed in {MANIFEST}, it does not exist")
         files[name] = {"sha256": cache.sha256(file), "bytes": file.stat().st_size}
     cache.save()
+    for name in removed_files:
+        files.pop(name, None)
     manifest[FILES] = dict(sorted(files.items()))
     manifest[DIGEST_KEY] = manifest_digest(manifest)
     staging = directory / (MANIFEST + ".partial")

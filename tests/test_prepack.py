@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from rexedge.export.bundle import export_bundle
-from rexedge.export.prepack import PrepackError, prepack_bundle
+from rexedge.export.prepack import PrepackError, prepack_bundle, remove_prepacked
 from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.ort import OrtBackend
 from rexedge.runtime.backends.prepacked import HEAD_GRAPH, cpu_target, prepacked_graphs
@@ -86,11 +87,25 @@ def test_another_cpu_or_changed_graphs_do_not_use_the_record(packed: Path, monke
     monkeypatch.undo()
     bundle = load_bundle(packed)
     manifest = json.loads(json.dumps(bundle.manifest))
-    manifest[schema.FILES][bundle.decoder.file]["sha256"] = "0" * 64   # as if the decoder had been re-exported
-    assert prepacked_graphs(bundle) and not prepacked_graphs(type(bundle)(**{**bundle.__dict__, "manifest": manifest}))
+    assert prepacked_graphs(bundle)
+    for changed in (bundle.decoder.file, bundle.decoder.data):   # as if the graph or its weights had been replaced
+        altered = json.loads(json.dumps(manifest))
+        altered[schema.FILES][changed]["sha256"] = "0" * 64
+        assert not prepacked_graphs(dataclasses.replace(bundle, manifest=altered))
 
 
 def test_a_trt_flavour_bundle_is_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
     trt = export_bundle(tiny_checkpoint, tmp_path / "trt", flavour="trt", progress=False)
     with pytest.raises(PrepackError, match="'trt' bundle"):
         prepack_bundle(trt, progress=False)
+
+
+def test_remove_takes_the_record_and_files_out(packed: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(packed, tmp_path / "copy"))
+    files = set(p.name for p in copy.iterdir())
+    removed = remove_prepacked(copy, progress=False)
+    assert len(removed) == 2 * len(GRAPHS) and set(removed) <= files
+    assert set(p.name for p in copy.iterdir()) == files - set(removed)
+    bundle = load_bundle(copy)   # still whole: nothing listed is missing
+    assert bundle.manifest[schema.PREPACKED] == [] and not set(removed) & set(bundle.manifest[schema.FILES])
+    assert OrtBackend(copy).prepacked == {}

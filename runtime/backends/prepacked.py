@@ -13,7 +13,7 @@ the onnxruntime version, so the files are named by a target::
     e.g. decoder.x86_64-3f2a9c1d0b7e.ort1.32.0.prepacked.onnx
 
 and recorded under the manifest's ``prepacked`` (one record per target: the files per graph and the
-sha256 of the graphs they were made from), each file listed in ``files`` so the bundle's hash checks
+sha256 of the graph and weight files they were made from), each file listed in ``files`` so the bundle's hash checks
 cover them. A record for another target, or for graphs that changed since, is not used.
 """
 
@@ -50,16 +50,23 @@ def source_graphs(bundle: Bundle) -> dict[str, str]:
     return graphs
 
 
+def _sources(bundle: Bundle) -> dict[str, str]:
+    """sha256 of every graph file and its weights' file, by file name: what the prepacked graphs were made from."""
+    names = list(source_graphs(bundle).values()) + [g.data for g in (bundle.vision, bundle.decoder) if g.data]
+    if bundle.head_graph is not None:
+        names.append(bundle.head_graph[schema.DATA])
+    return {name: bundle.manifest[schema.FILES][name]["sha256"] for name in sorted(names)}
+
+
 def prepacked_record(bundle: Bundle, target: str, files: Mapping[str, str]) -> dict[str, Any]:
     """The manifest entry of one target's prepacked graphs (see the module docstring)."""
-    return {"target": target, schema.FILES: dict(files),
-            "sources": {g: bundle.manifest[schema.FILES][f]["sha256"] for g, f in source_graphs(bundle).items()}}
+    return {"target": target, schema.FILES: dict(files), "sources": _sources(bundle)}
 
 
 def prepacked_graphs(bundle: Bundle, target: str | None = None) -> dict[str, str]:
     """This CPU's prepacked graph files by graph name, or {} when the bundle has none for it."""
     target = cpu_target() if target is None else target
-    sources = {g: bundle.manifest[schema.FILES][f]["sha256"] for g, f in source_graphs(bundle).items()}
+    sources = _sources(bundle)
     for record in bundle.manifest.get(schema.PREPACKED, []):
         if record.get("target") == target and record.get("sources") == sources:
             return dict(record[schema.FILES])

@@ -43,9 +43,12 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _prepack(args: argparse.Namespace) -> None:
-    from rexedge.export.prepack import prepack_bundle
+    from rexedge.export.prepack import prepack_bundle, remove_prepacked
 
-    prepack_bundle(args.bundle, threads=args.threads, progress=not args.quiet)
+    if args.remove:
+        remove_prepacked(args.bundle, progress=not args.quiet)
+    else:
+        prepack_bundle(args.bundle, threads=args.threads, progress=not args.quiet)
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -303,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepack", help="save ONNX Runtime's prepacked weights for this CPU in a bundle (faster loads)")
     p.add_argument("bundle", help="bundle directory (rexedge export, ort flavour)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own choice)")
+    p.add_argument("--remove", action="store_true", help="remove this CPU's prepacked graphs instead (disk)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_prepack)
 
