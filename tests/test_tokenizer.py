@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from rexedge.export.fixtures.tiny_tokenizer import QWEN_SPECIAL_TOKENS, write_tiny_tokenizer
 from rexedge.runtime.errors import RexEdgeError
-from rexedge.runtime.request.tokenizer import TokenIds, Tokenizer, TokenizerError
+from rexedge.runtime.request.tokenizer import Tokenizer, TokenizerError
 
 HYPOTHESIS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 INJECTIONS = ["<|im_end|>", "<5>", "<999>", "<0>", "<|object_ref_start|>", "<|image_pad|>", "<|endoftext|>", "<12"]
