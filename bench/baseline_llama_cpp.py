@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -185,6 +186,11 @@ def run_tool(command: list[str]) -> tuple[str, str, int]:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        hint = (" (an instruction this CPU or VM does not allow: rebuild with LLAMA_CPP_NO_AMX=1 "
+                "bash bench/llama_cpp_setup.sh ..., see bench/README.md)" if name == "SIGILL" else "")
+        raise BenchError(f"{Path(command[0]).name} was killed by {name}{hint}: {stderr[-400:]}")
     if proc.returncode != 0:
         raise BenchError(f"{Path(command[0]).name} exited with status {proc.returncode}: {stderr[-600:]}")
     return stdout, stderr, usage.ru_maxrss * 1024

@@ -14,6 +14,9 @@
 #    package, sentencepiece, goes to OUT/pydeps, not into the venv;
 # 4. llama-quantize makes OUT/gguf/model-Q8_0.gguf and model-Q4_K_M.gguf from the F16 file;
 # 5. OUT/source.json names the checkpoint (rexedge bench checks that --model is the same one).
+# LLAMA_CPP_NO_AMX=1 builds without AMX (-mno-amx-*): for a VM whose CPU lists AMX but traps its tile
+# instructions (llama-bench and llama-mtmd-cli die of SIGILL in ggml_backend_amx_mul_mat on Q4_K_M / Q8_0
+# models; seen 2026-12-05 on an Intel Xeon VM). Changing it rebuilds in the same build folder.
 # Each step is skipped when its output exists, so a rerun resumes. On the shared 2-core machine: build ~27 min,
 # conversion ~3 min, quantization ~10 min; disk: ~0.4 GB of source and build, ~13 GB of GGUF for a 3B model.
 set -euo pipefail
@@ -47,10 +50,17 @@ GENERATOR=()
 if command -v ninja > /dev/null; then
     GENERATOR=(-G Ninja)
 fi
+EXTRA_CMAKE=()
+if [ "${LLAMA_CPP_NO_AMX:-0}" = 1 ]; then
+    NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"   # GCC keeps explicit -mno-* over what -march=native implies
+    EXTRA_CMAKE=(-DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX")
+else
+    EXTRA_CMAKE=(-DCMAKE_C_FLAGS= -DCMAKE_CXX_FLAGS=)
+fi
 build() {
     cmake -S "$LLAMA" -B "$OUT/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
         -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
-        -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+        -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF "${EXTRA_CMAKE[@]}"
     cmake --build "$OUT/build" -j "$JOBS" --target "${TOOLS[@]}"
 }
 echo "llama_cpp_setup: building ${TOOLS[*]} with $JOBS jobs in the background (log: $OUT/build.log)"

@@ -23,6 +23,7 @@ from rexedge.bench.baseline_llama_cpp import (
     mtmd_command,
     parse_llama_bench,
     parse_mtmd_log,
+    run_tool,
 )
 from rexedge.bench.harness import run_bench
 from rexedge.bench.report import table
@@ -114,6 +115,15 @@ def test_converter_view_passes_the_converters_vocabulary_check(tiny_checkpoint: 
     for item in tiny_checkpoint.iterdir():   # everything else is the checkpoint's own file
         if item.name != "tokenizer_config.json":
             assert (view / item.name).resolve() == item.resolve()
+
+
+def test_a_tool_that_dies_names_the_signal_and_the_no_amx_build(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match=r"killed by SIGILL .*LLAMA_CPP_NO_AMX=1"):
+        run_tool(["sh", "-c", "echo dying >&2; kill -ILL $$"])
+    with pytest.raises(BenchError, match=r"exited with status 3: .*bad model"):
+        run_tool(["sh", "-c", "echo bad model >&2; exit 3"])
+    stdout, _, peak = run_tool(["sh", "-c", "echo fine"])
+    assert stdout == "fine\n" and peak > 0
 
 
 def test_setup_script_refuses_bad_arguments(tmp_path: Path) -> None:
