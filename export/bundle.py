@@ -76,9 +76,10 @@ def _dim_ranges(cfg: RexOmniConfig, flavour: str) -> dict[str, dict[str, tuple[i
     return {
         schema.VISION: {PATCHES: (min_patches, max_patches), MERGED: (min_patches // cfg.merge_unit, max_merged),
                    WINDOWS: (1, _max_windows(cfg, max_merged))},
-        # the ort flavour's GroupQueryAttention steps rows of different lengths together (batched decoding);
-        # the trt flavour's profiles and Concat cache are batch 1
-        schema.DECODER: {BATCH: (1, schema.MAX_BATCH if flavour == "ort" else 1), TOKENS: (1, longest), **cache},
+        # both flavours step rows of different lengths together (batched decoding): the ort flavour's
+        # GroupQueryAttention takes a length per row, the trt flavour's key_valid masks each row's holes (its
+        # engines' decode profile sets how many rows they take, see rexedge.export.tensorrt.profiles)
+        schema.DECODER: {BATCH: (1, schema.MAX_BATCH), TOKENS: (1, longest), **cache},
     }
 
 

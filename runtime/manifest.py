@@ -63,6 +63,7 @@ INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
 SEQLENS_K = "seqlens_k"                          # ort flavour: total length - 1
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # ort flavour: the cache's capacity
+KEY_VALID = "key_valid"                          # trt flavour: bool [batch, P + T], the keys each row attends to
 HIDDEN_STATES = "hidden_states"
 LOGITS = "logits"                                # the head graph's output [batch, vocab]
 KV_KINDS = ("key", "value")

@@ -41,9 +41,11 @@ def model(tiny_checkpoint: Path):
 
 def run_trt_decoder(session: ort.InferenceSession, past: list[np.ndarray], embeds: np.ndarray,
                     positions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One call: past caches [1, KVH, P, D] in, hidden [T, H] and present caches [1, KVH, P+T, D] out."""
+    """One call: past caches [1, KVH, P, D] in, hidden [T, H] and present caches [1, KVH, P+T, D] out (every key
+    valid: one sequence has no holes)."""
     layers = len(past) // 2
-    feeds = {"inputs_embeds": embeds[None], "position_ids": positions[:, None, :]}
+    feeds = {"inputs_embeds": embeds[None], "position_ids": positions[:, None, :],
+             "key_valid": np.ones((1, past[0].shape[2] + embeds.shape[0]), bool)}
     for i in range(layers):
         feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = past[2 * i], past[2 * i + 1]
     names = ["hidden_states"] + [f"present_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]

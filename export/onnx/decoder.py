@@ -23,6 +23,10 @@ Flavours differ only in how attention and the KV cache are expressed:
   as ``present_key_i`` [B, KVH, P+T, D] (Concat). Attention is grouped without copying
   keys per query head: q is viewed as [B, KVH, G, T, D] against keys [B, KVH, 1, D, P+T],
   scores and softmax in float32, causal mask from P and T (Range / Greater / Where).
+  Every row shares P (the Concat), so rows of a batch that hold different numbers of tokens
+  keep holes in their cache: ``key_valid`` [B, P+T] (bool) says which keys row b attends to,
+  on top of the causal mask. Batch 1 passes all true (the same outputs as a causal mask
+  alone); the runtime's batched bookkeeping is in :mod:`rexedge.runtime.backends.trt_slots`.
 """
 
 from __future__ import annotations
@@ -89,21 +93,25 @@ def _trt_declare_cache(g: GraphBuilder, cfg: RexOmniConfig, kv_type: int) -> Non
     for i in range(cfg.num_hidden_layers):
         g.input(schema.past("key", i), kv_type, shape)
         g.input(schema.past("value", i), kv_type, shape)
-    _trt_causal_mask(g)
+    g.input(schema.KEY_VALID, TensorProto.BOOL, [BATCH, PRESENT])
+    _trt_key_mask(g)
 
 
-_MASK = "causal_mask"
+_MASK = "key_mask"
 
 
-def _trt_causal_mask(g: GraphBuilder) -> None:
-    """``causal_mask`` [T, P+T] bool, true where key j lies after query t (j > P + t); once per forward."""
+def _trt_key_mask(g: GraphBuilder) -> None:
+    """``key_mask`` [B, 1, 1, T, P+T] bool, true where row b's query t must not see key j: j lies after the
+    query (j > P + t) or ``key_valid[b, j]`` is false (a hole of that row); once per forward."""
     past = g.op("Gather", g.op("Shape", schema.past("key", 0)), g.const(2, dtype=np.int64), axis=0, hint="past_len")
     tokens = g.op("Gather", g.op("Shape", schema.INPUTS_EMBEDS), g.const(1, dtype=np.int64), axis=0, hint="new_len")
     one = g.const(1, dtype=np.int64)
     keys = g.op("Range", g.const(0, dtype=np.int64), g.op("Add", past, tokens), one, hint="key_pos")
     queries = g.op("Range", past, g.op("Add", past, tokens), one, hint="query_pos")
-    g.op("Greater", g.op("Unsqueeze", keys, g.const([0], dtype=np.int64)),
-         g.op("Unsqueeze", queries, g.const([1], dtype=np.int64)), outputs=[_MASK])
+    causal = g.op("Greater", g.op("Unsqueeze", keys, g.const([0], dtype=np.int64)),
+                  g.op("Unsqueeze", queries, g.const([1], dtype=np.int64)), hint="causal")  # [T, P+T]
+    holes = g.op("Unsqueeze", g.op("Not", schema.KEY_VALID), g.const([1, 2, 3], dtype=np.int64), hint="holes")
+    g.op("Or", g.op("Unsqueeze", causal, g.const([0, 1, 2], dtype=np.int64)), holes, outputs=[_MASK])
 
 
 def _trt_attention(g: GraphBuilder, cfg: RexOmniConfig, layer: int, q: str, k: str, v: str, elem: int) -> str:

@@ -8,7 +8,7 @@ are built on the device itself and named by what they depend on::
 
 and recorded under the manifest's ``engines`` (one record per target and precision:
 GPU, compute capability, TensorRT version, precision, files, optimization-profile
-names in index order, build settings), with each engine file's sha256 added to
+names in index order, build settings, the most rows per decode call), with each engine file's sha256 added to
 ``files`` through :func:`rexedge.runtime.bundle.update_manifest`, so the bundle's hash
 checks cover engines like every other file. :func:`select_engines` finds the record for
 this machine, or says what the bundle holds and what this machine is.
@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from rexedge.export.tensorrt.profiles import decode_batch
 from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.trt_engines import (
     ENGINE_PRECISIONS,
@@ -157,7 +158,9 @@ def build_engines(bundle_dir: str | Path, precision: str = "fp16", calib: str | 
     cache = Path(timing_cache) if timing_cache is not None else None
     record = engine_record(target, precision,
                            {g: [p["name"] for p in bundle.manifest[schema.GRAPHS][g][schema.PROFILES]] for g in GRAPHS},
-                           {"workspace_gb": workspace_gb, "timing_cache": str(cache) if cache else None})
+                           {"workspace_gb": workspace_gb, "timing_cache": str(cache) if cache else None},
+                           max_batch=decode_batch(bundle.manifest[schema.GRAPHS][schema.DECODER][schema.PROFILES],
+                                                  schema.INPUTS_EMBEDS))
     timings = {}
     for graph in GRAPHS:
         spec = bundle.manifest[schema.GRAPHS][graph]

@@ -8,9 +8,14 @@ come from the graphs' symbolic dimensions:
   ``min_pixels`` and ``max_pixels`` (64 .. 10,240 patches), tuned for a 1440x810 image
   (58 x 102 patches, the example in docs/model.md); image tokens and windows follow.
 - decoder, two profiles, because a prompt and a decode step want different kernels:
-  ``prefill`` (an empty cache, 1 .. max_context new tokens, tuned for 1,536: about one
-  image of 1,479 tokens plus the prompt) and ``decode`` (1 .. DECODE_TOKENS new tokens
-  after 0 .. max_context - 1 cached, tuned for one token after 1,600).
+  ``prefill`` (one sequence, an empty cache, 1 .. max_context new tokens, tuned for 1,536:
+  about one image of 1,479 tokens plus the prompt) and ``decode`` (1 .. DECODE_BATCH rows of
+  1 .. DECODE_TOKENS new tokens after 0 .. max_context - 1 + HOLE_ROOM cached, tuned for one
+  row of one token after 1,600). Rows of a batched step share one cache length P and keep
+  holes (see ``key_valid`` in :mod:`rexedge.export.onnx.decoder`), so P runs ahead of the
+  longest row: HOLE_ROOM cache slots beyond max_context leave the runtime room for one more
+  step before it has to compact the rows. The engine record keeps the decode profile's
+  batch range (:func:`decode_batch`), so a backend asked for more rows says so at load.
 
 Only the trt flavour's decoder is described here: the ort flavour never meets TensorRT.
 """
@@ -19,12 +24,16 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from rexedge.export.onnx.decoder import BATCH, PAST, TOKENS
+from rexedge.export.onnx.decoder import BATCH, PAST, PRESENT, TOKENS
 from rexedge.export.onnx.vision import MERGED, PATCHES, WINDOWS
 from rexedge.runtime.config import RexOmniConfig
 
 # the longest forced append (jump-forward) one decode-profile call takes; longer ones are split
 DECODE_TOKENS = 16
+# the most rows one decode call of the engines takes (RexOmni(..., max_batch=N) on trt needs N <= this)
+DECODE_BATCH = 16
+# cache slots past max_context in the decode profile: room for the holes of a batched step (module docstring)
+HOLE_ROOM = DECODE_TOKENS
 PREFILL_OPT_TOKENS = 1536
 DECODE_OPT_CONTEXT = 1600
 # the 1440x810 example image: a 58 x 102 patch grid
@@ -58,9 +67,20 @@ def vision_profiles(cfg: RexOmniConfig, inputs: Sequence[Mapping[str, Any]],
 
 
 def decoder_profiles(inputs: Sequence[Mapping[str, Any]], max_context: int) -> list[dict[str, Any]]:
-    """``prefill`` (empty cache) and ``decode`` (a few tokens after a cache) for the trt flavour."""
-    prefill = {BATCH: (1, 1, 1), TOKENS: (1, min(PREFILL_OPT_TOKENS, max_context), max_context), PAST: (0, 0, 0)}
-    decode = {BATCH: (1, 1, 1), TOKENS: (1, 1, DECODE_TOKENS),
-              PAST: (0, min(DECODE_OPT_CONTEXT, max_context - 1), max_context - 1)}
+    """``prefill`` (one sequence, empty cache) and ``decode`` (rows of a few tokens after a cache) for the trt
+    flavour."""
+    prefill_tokens = (1, min(PREFILL_OPT_TOKENS, max_context), max_context)
+    prefill = {BATCH: (1, 1, 1), TOKENS: prefill_tokens, PAST: (0, 0, 0), PRESENT: prefill_tokens}
+    past = (0, min(DECODE_OPT_CONTEXT, max_context - 1), max_context - 1 + HOLE_ROOM)
+    decode = {BATCH: (1, 1, DECODE_BATCH), TOKENS: (1, 1, DECODE_TOKENS), PAST: past,
+              PRESENT: (1, past[1] + 1, past[2] + DECODE_TOKENS)}
     return [{"name": "prefill", "shapes": _shapes(inputs, prefill)},
             {"name": "decode", "shapes": _shapes(inputs, decode)}]
+
+
+def decode_batch(profiles: Sequence[Mapping[str, Any]], inputs_embeds: str) -> int:
+    """The most rows the ``decode`` profile of a decoder's ``profiles`` takes (its ``inputs_embeds`` batch)."""
+    for profile in profiles:
+        if profile["name"] == "decode":
+            return int(profile["shapes"][inputs_embeds]["max"][0])
+    raise ValueError("no 'decode' optimization profile")

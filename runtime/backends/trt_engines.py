@@ -49,12 +49,24 @@ def engine_file(graph: str, target: Target, precision: str) -> str:
     return f"{graph}.{target.slug}.{precision}.engine"
 
 
+# an engine record's most rows per decode call (its decode profile's batch); records written before batched
+# decoding have none and were built for one row
+MAX_BATCH_KEY = "max_batch"
+
+
 def engine_record(target: Target, precision: str, profiles: Mapping[str, list[str]],
-                  settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest entry of one target's engines (see the module docstring)."""
+                  settings: Mapping[str, Any], max_batch: int = 1) -> dict[str, Any]:
+    """The manifest entry of one target's engines (see the module docstring); ``max_batch``: the most rows
+    the decoder engine's decode profile takes."""
     return {"gpu": target.gpu, "compute_capability": list(target.compute_capability), "tensorrt": target.tensorrt,
             schema.PRECISION: precision, schema.FILES: {g: engine_file(g, target, precision) for g in GRAPHS},
-            schema.PROFILES: {g: list(names) for g, names in profiles.items()}, "settings": dict(settings)}
+            schema.PROFILES: {g: list(names) for g, names in profiles.items()}, "settings": dict(settings),
+            MAX_BATCH_KEY: max_batch}
+
+
+def record_max_batch(record: Mapping[str, Any]) -> int:
+    """The most rows one decode call of a record's decoder engine takes (1 for records before batching)."""
+    return int(record.get(MAX_BATCH_KEY, 1))
 
 
 def record_target(record: Mapping[str, Any]) -> Target:
