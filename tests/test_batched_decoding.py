@@ -373,13 +373,6 @@ def test_streams_decode_the_frames_of_several_sources_together(tiny_bundle: Path
     assert max(rows for rows, _, _ in counting.calls) == 2
 
 
-@pytest.mark.parametrize("name,device", [("trt", "cuda")])
-def test_backends_without_a_batched_step_refuse_max_batch(name: str, device: str, tmp_path: Path) -> None:
-    """Refused before anything loads (no GPU needed to get the error), naming the backends that batch."""
-    with pytest.raises(BackendError, match=f"{name} backend: max_batch=4, but it decodes one sequence per step.*ort"):
-        load_backend(name, tmp_path, device=device, max_batch=4)
-
-
 def test_limits_are_named(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A KV cache that cannot be allocated names max_batch, max_context and the size; a prompt that overflows
     the context names its image in a list."""

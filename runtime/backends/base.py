@@ -119,18 +119,10 @@ class BatchBackend(Backend, Protocol):
         ...
 
 
-# the backends whose step_batch runs several sequences (the others refuse max_batch > 1)
-BATCHED_BACKENDS = "ort, torch (CPU and CUDA)"
-
-
-def check_max_batch(backend_name: str, max_batch: object, supported: int | None = None) -> int:
-    """``max_batch`` as an int >= 1 (and <= ``supported`` if given); otherwise a BackendError naming the
-    backend and the limit."""
+def check_max_batch(backend_name: str, max_batch: object) -> int:
+    """``max_batch`` as an int >= 1; otherwise a BackendError naming the backend."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise BackendError(f"{backend_name} backend: max_batch must be a positive integer, got {max_batch!r}")
-    if supported is not None and max_batch > supported:
-        raise BackendError(f"{backend_name} backend: max_batch={max_batch}, but it decodes one sequence per step; "
-                           f"batched decoding runs on {BATCHED_BACKENDS}")
     return max_batch
 
 

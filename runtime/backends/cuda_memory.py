@@ -58,6 +58,11 @@ class CudaMemory(Protocol):
     def pinned(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray: ...
     def to_device(self, dst: DeviceBuffer, src: np.ndarray, offset: int = 0) -> None: ...
     def to_host(self, dst: np.ndarray, src: DeviceBuffer, offset: int = 0) -> None: ...
+    def copy_2d(self, dst: DeviceBuffer, dst_offset: int, dst_pitch: int, src: DeviceBuffer, src_offset: int,
+                src_pitch: int, width: int, height: int) -> None:
+        """Device to device: ``height`` rows of ``width`` bytes, row r from ``src_offset + r * src_pitch`` to
+        ``dst_offset + r * dst_pitch`` (the two regions must not overlap)."""
+        ...
     def synchronize(self) -> None: ...
 
 
@@ -65,6 +70,16 @@ def _check_fits(buffer: DeviceBuffer, offset: int, nbytes: int) -> None:
     if offset < 0 or offset + nbytes > buffer.nbytes:
         raise BackendError(f"device copy of {nbytes} bytes at offset {offset} does not fit a {buffer.nbytes}-byte "
                            f"buffer")
+
+
+def check_2d(dst: DeviceBuffer, dst_offset: int, dst_pitch: int, src: DeviceBuffer, src_offset: int, src_pitch: int,
+             width: int, height: int) -> None:
+    """A 2-D copy's rows fit both buffers (see ``CudaMemory.copy_2d``)."""
+    if width > min(dst_pitch, src_pitch) or height < 1:
+        raise BackendError(f"2-D device copy: rows of {width} bytes need pitches at least that wide and one row or "
+                           f"more, got pitches {dst_pitch} / {src_pitch} and {height} rows")
+    _check_fits(dst, dst_offset, (height - 1) * dst_pitch + width)
+    _check_fits(src, src_offset, (height - 1) * src_pitch + width)
 
 
 class TorchMemory:
@@ -106,6 +121,13 @@ class TorchMemory:
             raise BackendError("to_host needs a contiguous destination array")
         with self.torch.cuda.stream(self.stream):
             self._bytes(dst).copy_(src.owner[offset:offset + dst.nbytes], non_blocking=True)
+
+    def copy_2d(self, dst: DeviceBuffer, dst_offset: int, dst_pitch: int, src: DeviceBuffer, src_offset: int,
+                src_pitch: int, width: int, height: int) -> None:
+        check_2d(dst, dst_offset, dst_pitch, src, src_offset, src_pitch, width, height)
+        with self.torch.cuda.stream(self.stream):
+            target = dst.owner.as_strided((height, width), (dst_pitch, 1), dst_offset)
+            target.copy_(src.owner.as_strided((height, width), (src_pitch, 1), src_offset), non_blocking=True)
 
     def synchronize(self) -> None:
         self.stream.synchronize()
@@ -170,6 +192,12 @@ class CudaPythonMemory:
             raise BackendError("to_host needs a contiguous destination array")
         self._call(self._rt.cudaMemcpyAsync(dst.ctypes.data, src.ptr + offset, dst.nbytes,
                                             self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self._stream))
+
+    def copy_2d(self, dst: DeviceBuffer, dst_offset: int, dst_pitch: int, src: DeviceBuffer, src_offset: int,
+                src_pitch: int, width: int, height: int) -> None:
+        check_2d(dst, dst_offset, dst_pitch, src, src_offset, src_pitch, width, height)
+        self._call(self._rt.cudaMemcpy2DAsync(dst.ptr + dst_offset, dst_pitch, src.ptr + src_offset, src_pitch, width,
+                                              height, self._rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self._stream))
 
     def synchronize(self) -> None:
         self._call(self._rt.cudaStreamSynchronize(self._stream))
