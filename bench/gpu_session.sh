@@ -7,7 +7,9 @@
 # 4. python -m rexedge.bench.kernels (bandwidth, decode ms/token, TTFT, transformers);
 # 5. rexedge bench with the torch CUDA backend on the cpu-bench preset (the harness path);
 # 6. batched decoding on the torch CUDA backend (tests: batched == alone; figures: images/s and the
-#    single-token step at max_batch 1, 4 and 16, python -m rexedge.bench.batched).
+#    single-token step at max_batch 1, 4 and 16, python -m rexedge.bench.batched);
+# 7. the trt backend's batched decoding (tests/test_trt_batched.py: stand-ins, and the real engines where
+#    TensorRT is installed; the test skips and says so where it is not).
 # Each step logs to OUT/<step>.log and goes on after a failure; a summary ends the output.
 # Record the figures in bench/RESULTS.md with the device and the date.
 set -uo pipefail
@@ -35,6 +37,8 @@ step install "$python" -m pip install --no-deps --no-build-isolation --no-index 
 step tests "$python" -m pytest -q -x tests/test_kernel_restricted_head.py tests/test_kernel_decode_attention.py \
     tests/test_kernel_rmsnorm.py tests/test_torch_cuda.py
 step batched-tests "$python" -m pytest -q tests/test_torch_cuda.py -k "batch"
+# the trt backend's batched decoding on real engines (skips itself where TensorRT is not installed)
+step trt-batched-tests "$python" -m pytest -q -rs tests/test_trt_batched.py
 step kernels "$python" -m rexedge.bench.kernels --out "$out/kernels.json"
 step harness "$python" -m rexedge.runtime.cli bench --model cpu-bench --backend torch --device cuda \
     --scenario det-448 det-1428x812 --repeats 3 --warmup 1 --json "$out/harness.json"

@@ -26,7 +26,7 @@ one image's K categories become K branches, each asking one category, that share
 system prompt and image and decode together; the answers merge in category order
 (``rexedge.runtime.decode.branches``).
 
-``max_batch=N`` (backends ``ort`` and ``torch``, on the CPU and CUDA): up to N requests decode together, one
+``max_batch=N`` (backends ``ort`` and ``torch``, on the CPU and CUDA, and ``trt``): up to N requests decode together, one
 backend step for all of them (``rexedge.runtime.decode.loop``, ``DecodeLoop.run_batch``); a finished
 request's slot takes the next one at once. ``inference(images=[...])``, ``batch`` and ``streams`` use
 it; each answer is the one the request would get alone.

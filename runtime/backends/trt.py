@@ -13,6 +13,16 @@ packed at the start, then they swap. Every input and output lives in a buffer al
 once; a step copies the token's embedding and positions in (one small host-to-device
 copy each), enqueues with ``execute_async_v3`` and copies the last hidden state back.
 
+Batched decoding (``max_batch`` > 1, a bundle exported with the ``key_valid`` input): the rows share
+one cache length, and :class:`rexedge.runtime.backends.trt_slots.SlotCache` keeps each row's holes,
+copies a new request's prefill (run as one sequence into the spare side) into its row and compacts
+the rows when they reach ``max_context`` + one decode call. Every row in use takes part in each decode
+call (the batch of a call covers the cache of every row); a row not stepping appends holes.
+
+The engines are reached through :class:`TrtEngines` (the execution contexts and the memory
+provider), which :func:`open_engines` makes from TensorRT; the tests put ONNX Runtime stand-ins behind
+the same methods (``TrtBackend.from_engines``) to run this bookkeeping on a CPU.
+
 CUDA graphs: TensorRT allows capturing ``enqueueV3`` only while input shapes and tensor
 addresses stay what they were at capture; here the cache length P (an input shape) and
 the ping-pong addresses change every token, so a captured step would be invalid at the
