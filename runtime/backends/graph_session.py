@@ -86,6 +86,12 @@ class DecoderSession:
     def __init__(self, session: ort.InferenceSession, config: RexOmniConfig, kv_dtype: type = np.float32) -> None:
         self.session, self.config, self.kv_dtype = session, config, kv_dtype
         self.length = 0
+        # the trt flavour's per-row key mask (bundles exported before batched decoding on trt have none)
+        self._key_valid = schema.KEY_VALID in {i.name for i in session.get_inputs()}
+
+    def key_valid_feeds(self, tokens: int) -> Feeds:
+        """``key_valid`` of one sequence appending ``tokens`` (no holes: every key valid), if the graph takes it."""
+        return {schema.KEY_VALID: np.ones((1, self.length + tokens), bool)} if self._key_valid else {}
 
     def kv_shape(self, length: int) -> tuple[int, int, int, int]:
         return (1, self.config.num_key_value_heads, length, self.config.head_dim)
@@ -294,7 +300,7 @@ class PingPongSession(DecoderSession):
     def _run(self, embeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
         tokens, p = embeds.shape[0], self.length
         binding = self.session.io_binding()
-        feeds = self._token_feeds(embeds, positions)
+        feeds = {**self._token_feeds(embeds, positions), **self.key_valid_feeds(tokens)}
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         hidden = np.empty((1, tokens, self.config.hidden_size), np.float32)
@@ -335,6 +341,8 @@ class ArraySession(DecoderSession):
         feeds = {**self._token_feeds(embeds, positions), **self._cache}
         if self.flavour == "ort":
             feeds.update(sequence_feeds(self.length, embeds.shape[0]))
+        else:
+            feeds.update(self.key_valid_feeds(embeds.shape[0]))
         if self.on_feeds:
             self.on_feeds(feeds)
         results = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
