@@ -14,6 +14,7 @@ from rexedge.export.shapes.scenes import CATEGORIES, make_scene
 from rexedge.export.shapes.train import (
     CHECKPOINT_DIR,
     LOG_FILE,
+    SLOTS,
     STATE_FILE,
     AttentionProbe,
     Trainer,
@@ -220,6 +221,8 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
     # (centre inside its pixel box, the smallest box winning) as sequence indices, and the four
     # positions that write its coordinates attending evenly to them
     oracle = torch.full((len(examples), length, length), 1.0 / length)
+    # the same with a head per slot: head s on the box where slot s is written, on <|vision_start|> elsewhere
+    slotted = torch.full((len(examples), SLOTS, length, length), 1.0 / length)
     absent = 0
     for b, (scene, example) in enumerate(zip(scenes, examples)):
         padded[b, :len(example.input_ids)] = torch.from_numpy(example.input_ids)
@@ -227,6 +230,7 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
         rows, cols = preprocess(scene.image, o.min_pixels, o.max_pixels, cfg=cfg).merged_grid_hw
         image_index = (padded[b] == cfg.image_token_id).nonzero()[:, 0]
         width, height = scene.size
+        vision_start = int((padded[b] == cfg.vision_start_token_id).nonzero()[0, 0])
         written = [i for i in range(example.num_prompt, len(example.input_ids))
                    if ids.coord_start <= example.input_ids[i] < ids.coord_start + ids.num_coords][::4]
         answer_boxes = [box for _, boxes in scene.answer_groups() for box in boxes or ()]
@@ -239,21 +243,32 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
                 under = [s for s in scene.shapes if s.box[0] <= x <= s.box[2] and s.box[1] <= y <= s.box[3]]
                 if min(under, key=lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1]), default=None) is shape:
                     cells.append(int(image_index[k]))
-            for query in range(first - 1, first + 3):
+            for slot, query in enumerate(range(first - 1, first + 3)):
                 oracle[b, query] = 0.0
                 oracle[b, query, cells] = 1.0 / len(cells)
+                slotted[b, :, query] = 0.0
+                slotted[b, :, query, vision_start] = 1.0
+                slotted[b, slot, query] = 0.0
+                slotted[b, slot, query, cells] = 1.0 / len(cells)
         # a category answered None: the look-up found nothing and rests on <|vision_start|>
-        vision_start = int((padded[b] == cfg.vision_start_token_id).nonzero()[0, 0])
         for query in range(example.num_prompt - 1, len(example.input_ids) - 1):
             if example.input_ids[query] == ids.box_start and example.input_ids[query + 1] == ids.none[0]:
                 oracle[b, query] = 0.0
                 oracle[b, query, vision_start] = 1.0
+                slotted[b, :, query] = 0.0
+                slotted[b, :, query, vision_start] = 1.0
                 absent += 1
     assert absent == sum(len(s.categories) - len({shape.category for shape in s.shapes}) for s in scenes) > 0
-    lookup = lookup_loss({3: oracle}, padded, positions, examples, cfg, ids)
-    uniform = lookup_loss({3: torch.full_like(oracle, 1.0 / length)}, padded, positions, examples, cfg, ids)
+    lookup = lookup_loss({3: oracle[:, None]}, padded, positions, examples, cfg, ids)
+    uniform = lookup_loss({3: torch.full_like(oracle[:, None], 1.0 / length)}, padded, positions, examples, cfg, ids)
     assert lookup[1]["lookup_mass"] == pytest.approx(1.0) and float(lookup[0]) < 1e-4
     assert uniform[1]["lookup_mass"] < 0.2 and float(uniform[0]) > 1.5
+    by_slot = lookup_loss({2: slotted, 3: slotted}, padded, positions, examples, cfg, ids, slots=True)
+    all_on_box = lookup_loss({3: oracle[:, None].expand(-1, SLOTS, -1, -1)}, padded, positions, examples, cfg, ids,
+                             slots=True)
+    assert by_slot[1]["lookup_mass"] == pytest.approx(1.0) and float(by_slot[0]) < 1e-4
+    # every head on the box at every slot: right for a quarter of the box positions' heads, and for None
+    assert all_on_box[1]["lookup_mass"] < 0.6 and float(all_on_box[0]) > 5
 
 
 def test_attention_probe_keeps_the_probabilities_the_attention_used(tmp_path: Path) -> None:
@@ -269,18 +284,23 @@ def test_attention_probe_keeps_the_probabilities_the_attention_used(tmp_path: Pa
         def attention(self, q, k, v, cos, sin, key_cache, value_cache, cache_position, context):
             layer = self._layer
             out = super().attention(q, k, v, cos, sin, key_cache, value_cache, cache_position, context)
-            outputs[layer] = (out[:, :, 0], value_cache[:, 0, :length].clone())
+            outputs[layer] = (out.clone(), value_cache[:, :, :length].clone())
             return out
 
-    probe = Probe(range(1, cfg.num_hidden_layers))
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    assert heads > kv_heads > 1   # grouped-query attention, so the probe must pick each head's kv head
+    probe = Probe(range(1, cfg.num_hidden_layers), heads=heads)
     with torch.no_grad():
         model.decode(embeds, positions, KVCache.allocate(cfg, 2, length), torch.arange(length), length, ops=probe)
     assert sorted(probe.probs) == list(range(1, cfg.num_hidden_layers))
     for layer, probs in probe.probs.items():
-        head_out, values = outputs[layer]
-        assert torch.allclose(probs.sum(-1), torch.ones(2, length))
+        out, values = outputs[layer]
+        assert probs.shape == (2, heads, length, length) and torch.equal(probe.values[layer], values)
+        assert torch.allclose(probs.sum(-1), torch.ones(2, heads, length))
         assert probs.triu(diagonal=1).abs().max() == 0  # causal
-        torch.testing.assert_close(probs @ values, head_out, rtol=1e-4, atol=1e-5)
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            torch.testing.assert_close(probs[:, head] @ values[:, kv], out[:, :, head], rtol=1e-4, atol=1e-5)
 
 
 def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) -> None:
@@ -291,10 +311,11 @@ def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) ->
     assert trainer.options == dataclasses.replace(TINY, box_weight=0.5, lr=1e-4)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     trainer = train(tmp_path, steps=3, options=TrainOptions(), log_every=1,
-                    changes={"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0})
+                    changes={"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0, "lookup_slots": True})
     assert trainer.options.box_weight == 0.5 and trainer.options.lookup_weight == 1.0 and trainer.step == 3
     log = (tmp_path / LOG_FILE).read_text().splitlines()
-    assert log[1] == '{"step": 2, "changed": {"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0}}'
+    assert log[1] == ('{"step": 2, "changed": {"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0, '
+                      '"lookup_slots": true}}')
     assert all(f'"{metric}"' in log[2] for metric in ("box_mae", "lookup_mass", "value_mae"))
     # the readout it turned on is saved with the state and resumed with it
     resumed = open_trainer(tmp_path, TrainOptions())

@@ -57,6 +57,7 @@ CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train.log"
 INIT_STD = 0.02
 BACKGROUND = len(CATEGORIES)  # the object loss's class of an image token outside every box
+SLOTS = 4  # a box's coordinates x0, y0, x1, y1
 READOUTS = ("aux", "dense", "value")  # the trainer's training-only readouts, each with its own optimizer
 
 
@@ -84,6 +85,10 @@ class TrainOptions:
     class_weight: float = 0.0  # > 0: add the image tokens' object category loss (see object_loss) with this weight
     lookup_weight: float = 0.0  # > 0: add the answer's look-up attention loss (see lookup_loss) with this weight
     lookup_layers: int = 2  # the look-up loss supervises head 0 of this many last decoder layers
+    # True: query head s (0..3) of those layers looks up the box only where the answer writes slot s
+    # (x0, y0, x1, y1) and rests on <|vision_start|> elsewhere, and every kv head's values name the box
+    # (see lookup_loss): the slot is chosen by which head attends, not by a later layer
+    lookup_slots: bool = False
     value_weight: float = 0.0  # > 0: add the look-up values' box loss (see value_loss) with this weight
     curriculum_steps: int = 1000
     curriculum_shapes: int = 2
@@ -167,13 +172,13 @@ def forward_loss(model: RexOmniModel, examples: list[Example], token_ids: TokenI
                  coord_sigma: float, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
                  dense: torch.nn.ModuleDict | None = None, box_weight: float = 0.0, class_weight: float = 0.0,
                  lookup_weight: float = 0.0, lookup_layers: int = 2, value: torch.nn.ModuleDict | None = None,
-                 value_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                 value_weight: float = 0.0, lookup_slots: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over the answer tokens of a batch (soft targets for coordinates) and metrics,
     plus ``aux_weight`` x the image-token position loss (see ``position_loss``) when ``aux`` is given,
     ``box_weight`` / ``class_weight`` x the image-token object losses (see ``object_loss``) when
     ``dense`` is given, and ``lookup_weight`` x the look-up loss (see ``lookup_loss``) of head 0 in
-    the last ``lookup_layers`` layers, and ``value_weight`` x the box loss of those heads' values
-    (see ``value_loss``) when ``value`` is given."""
+    the last ``lookup_layers`` layers (query heads 0..3, one per coordinate slot, with ``lookup_slots``),
+    and ``value_weight`` x the box loss of those heads' values (see ``value_loss``) when ``value`` is given."""
     cfg = model.config
     coord_start, num_coords, pad_id = token_ids.coord_start, token_ids.num_coords, token_ids.endoftext
     image_embeds = torch.cat([model.encode_image(e.pixel_patches, e.indices) for e in examples])
@@ -190,7 +195,8 @@ def forward_loss(model: RexOmniModel, examples: list[Example], token_ids: TokenI
     embeds = model.embed(ids).masked_scatter((ids == cfg.image_token_id)[..., None], image_embeds)
     cache = KVCache.allocate(cfg, batch, length)
     lookup = lookup_weight > 0 or (value is not None and value_weight > 0)
-    ops = AttentionProbe(range(cfg.num_hidden_layers - lookup_layers, cfg.num_hidden_layers)) if lookup else DecoderOps()
+    probed = range(cfg.num_hidden_layers - lookup_layers, cfg.num_hidden_layers)
+    ops = AttentionProbe(probed, heads=SLOTS if lookup_slots else 1) if lookup else DecoderOps()
     hidden = model.decode(embeds, positions, cache, torch.arange(length), kv_length=length, ops=ops)
 
     rows, cols = [], []
@@ -224,7 +230,8 @@ def forward_loss(model: RexOmniModel, examples: list[Example], token_ids: TokenI
         loss = loss + box_weight * box_loss + class_weight * class_loss
         aux_metrics.update(object_metrics)
     if lookup_weight > 0:
-        attention_loss, lookup_metrics = lookup_loss(ops.probs, ids, positions, examples, cfg, token_ids)
+        attention_loss, lookup_metrics = lookup_loss(ops.probs, ids, positions, examples, cfg, token_ids,
+                                                     lookup_slots)
         loss = loss + lookup_weight * attention_loss
         aux_metrics.update(lookup_metrics)
     if value is not None and value_weight > 0:
@@ -344,14 +351,17 @@ def object_loss(model: RexOmniModel, dense: torch.nn.ModuleDict, hidden: torch.T
 
 
 class AttentionProbe(DecoderOps):
-    """Training only: the plain-torch ops that also keep head 0's attention probabilities
-    [B, T, S] in each layer of ``layers`` (indices), for ``lookup_loss``. SDPA does not return
-    its probabilities, so head 0's are computed again from the rotated query and the cached keys."""
+    """Training only: the plain-torch ops that also keep the attention probabilities [B, heads, T, S]
+    of query heads 0..heads-1 in each layer of ``layers`` (indices), for ``lookup_loss``, and the
+    values [B, G, S, D] of the G kv heads they read (grouped-query attention: head h reads kv head
+    h // (query heads / kv heads)). SDPA does not return its probabilities, so they are computed
+    again from the rotated queries and the cached keys."""
 
-    def __init__(self, layers: range) -> None:
+    def __init__(self, layers: range, heads: int = 1) -> None:
         self.layers = set(layers)
+        self.heads = heads
         self.probs: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}  # kv head 0's values [B, S, D], what head 0 reads
+        self.values: dict[int, torch.Tensor] = {}
         self._layer = 0
 
     def attention_context(self, cache_position: torch.Tensor, kv_length: int) -> torch.Tensor:
@@ -363,22 +373,33 @@ class AttentionProbe(DecoderOps):
                   context: torch.Tensor) -> torch.Tensor:
         out = super().attention(q, k, v, cos, sin, key_cache, value_cache, cache_position, context)
         if self._layer in self.layers:
-            query = apply_rotary(q[:, :, 0], cos, sin)  # [B, T, D]; head 0 reads kv head 0
-            keys = key_cache[:, 0, :context.shape[-1]].to(query.dtype)  # [B, S, D], rotated when cached
-            scores = (query @ keys.transpose(1, 2)) / math.sqrt(query.shape[-1])
-            self.probs[self._layer] = scores.masked_fill(~context, float("-inf")).softmax(dim=-1)
-            self.values[self._layer] = value_cache[:, 0, :context.shape[-1]]
+            group = q.shape[2] // key_cache.shape[1]
+            if self.heads > q.shape[2]:
+                raise ValueError(f"AttentionProbe: {self.heads} heads asked, the model has {q.shape[2]}")
+            kv = torch.arange(self.heads) // group   # the kv head each probed query head reads
+            query = apply_rotary(q[:, :, :self.heads].transpose(1, 2), cos[:, None], sin[:, None])  # [B, heads, T, D]
+            keys = key_cache[:, kv, :context.shape[-1]].to(query.dtype)  # [B, heads, S, D], rotated when cached
+            scores = (query @ keys.transpose(2, 3)) / math.sqrt(query.shape[-1])
+            self.probs[self._layer] = scores.masked_fill(~context.unsqueeze(-3), float("-inf")).softmax(dim=-1)
+            self.values[self._layer] = value_cache[:, :int(kv[-1]) + 1, :context.shape[-1]]
         self._layer += 1
         return out
 
 
 def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: torch.Tensor, examples: list[Example],
-                cfg: RexOmniConfig, token_ids: TokenIds) -> tuple[torch.Tensor, dict[str, float]]:
+                cfg: RexOmniConfig, token_ids: TokenIds, slots: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Training-only supervision of the look-up itself: where the answer writes a box's four
     coordinates, head 0 of the probed layers puts its attention on the image tokens of that box
     (-log of the attention mass there, mean over the positions that predict x0, y0, x1, y1);
     where it answers a category ``None``, on <|vision_start|> (found nothing: a fixed sink, so
-    that what the head reads tells present from absent).
+    that what the head reads tells present from absent). ``probs``: per layer [B, heads, T, S].
+
+    With ``slots``, query head s (0..3) looks up the box only at the position that predicts slot s
+    and rests on <|vision_start|> at the other three (and at ``None``). x and y share one set of
+    coordinate tokens, so an output that carries the whole box must be told which coordinate to
+    write; here each head's own output projection can map the box it reads straight to its slot's
+    coordinate, and the choice of slot is which head attends (runs H-J: one head looking at all four
+    slots learned x1, y1 given x0, y0 but left x0 / y0 near the prior).
     Without it, runs learned the answer's format, box sizes and each image token's own category
     and box (the object losses) but never which tokens the named category is: the answer's
     coordinates are ~4 sparse, noisy signals per box for a two-step search (the name from the
@@ -387,16 +408,23 @@ def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: to
     g = image_grid(ids, positions, cfg.image_token_id)
     classes, boxes = object_targets(g, examples)
     token_batch, token_index = g["mask"].nonzero(as_tuple=True)
-    rows, queries, masks = [], [], []
+    heads = SLOTS if slots else 1
+    rows, queries, masks, head_index = [], [], [], []
+
+    def target(b: int, query: int, head: int, mask: torch.Tensor) -> None:
+        rows.append(b)
+        queries.append(query)
+        head_index.append(head)
+        masks.append(mask)
+
     for b, example in enumerate(examples):
         tokens = example.input_ids
         sink = torch.from_numpy(tokens == cfg.vision_start_token_id)
         sink = torch.cat([sink, sink.new_zeros(ids.shape[1] - len(sink))])
         for query in range(example.num_prompt - 1, len(tokens) - 1):
             if tokens[query] == token_ids.box_start and tokens[query + 1] == token_ids.none[0]:
-                rows.append(b)
-                queries.append(query)
-                masks.append(sink)
+                for head in range(heads):
+                    target(b, query, head, sink)
         coords = [i for i in range(example.num_prompt, len(example.input_ids))
                   if coord_start <= example.input_ids[i] < coord_start + num_coords]
         for first in coords[::4]:
@@ -406,14 +434,14 @@ def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: to
                 continue  # hidden under another shape
             mask = torch.zeros(ids.shape[1], dtype=torch.bool)
             mask[token_index[on_box]] = True
-            for query in range(first - 1, first + 3):  # the positions whose next token is x0, y0, x1, y1
-                rows.append(b)
-                queries.append(query)
-                masks.append(mask)
+            for slot, query in enumerate(range(first - 1, first + 3)):  # the positions predicting x0, y0, x1, y1
+                for head in range(heads):
+                    target(b, query, head, mask if head == slot or not slots else sink)
     if not rows:
         return ids.new_zeros((), dtype=torch.float32), {}
-    rows_t, queries_t, target = torch.tensor(rows), torch.tensor(queries), torch.stack(masks)
-    masses = [(p[rows_t, queries_t] * target).sum(dim=-1) for p in probs.values()]  # each [N]
+    rows_t, queries_t, heads_t = (torch.tensor(x) for x in (rows, queries, head_index))
+    wanted = torch.stack(masks)
+    masses = [(p[rows_t, heads_t, queries_t] * wanted).sum(dim=-1) for p in probs.values()]  # each [N]
     loss = torch.stack([-(m + 1e-6).log().mean() for m in masses]).mean()
     return loss, {"lookup_mass": float(torch.stack(masses).detach().mean())}
 
@@ -421,8 +449,9 @@ def lookup_loss(probs: dict[int, torch.Tensor], ids: torch.Tensor, positions: to
 def value_loss(model: RexOmniModel, value: torch.nn.ModuleDict, values: dict[int, torch.Tensor], ids: torch.Tensor,
                positions: torch.Tensor, examples: list[Example], coord_start: int, num_coords: int, sigma: float,
                ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Training-only: what the look-up reads. Each object token's value in kv head 0 of the probed
-    layers names its shape's box (x0, y0, x1, y1 as coordinate bins, through ``value[str(layer)]``,
+    """Training-only: what the look-up reads. Each object token's value in the probed kv heads
+    (``values``: per layer [B, G, S, D]; kv head 0 alone unless the look-up has a head per slot) of the
+    probed layers names its shape's box (x0, y0, x1, y1 as coordinate bins, through ``value[str(layer)]``,
     head_dim -> 4 x hidden, and the tied coordinate rows), so that attending to a box's tokens
     brings its box to the answer. The object loss puts the box in the final hidden states, which
     the look-up layers' values are not. Returns (loss, {"value_mae": mean bin error})."""
@@ -434,10 +463,12 @@ def value_loss(model: RexOmniModel, value: torch.nn.ModuleDict, values: dict[int
     coord_rows = model.head_weight[coord_start:coord_start + num_coords]
     losses, errors = [], []
     for layer, layer_values in values.items():
-        readout = value[str(layer)](layer_values[g["mask"]][on_object]).view(-1, 4, coord_rows.shape[1])
-        loss, expected = soft_bin_nll(readout, coord_rows, boxes[on_object], sigma)
-        losses.append(loss)
-        errors.append(float((expected - boxes[on_object]).abs().mean()))
+        for kv_head in range(layer_values.shape[1]):   # one readout per layer, shared by its kv heads
+            tokens = layer_values[:, kv_head][g["mask"]][on_object]
+            readout = value[str(layer)](tokens).view(-1, 4, coord_rows.shape[1])
+            loss, expected = soft_bin_nll(readout, coord_rows, boxes[on_object], sigma)
+            losses.append(loss)
+            errors.append(float((expected - boxes[on_object]).abs().mean()))
     return torch.stack(losses).mean(), {"value_mae": float(np.mean(errors))}
 
 
@@ -515,7 +546,7 @@ class Trainer:
         sigma = coord_sigma(o, self.step)
         loss, metrics = forward_loss(self.model, examples, self.tokenizer.ids, sigma, self.aux, o.aux_weight,
                                      self.dense, o.box_weight, o.class_weight, o.lookup_weight, o.lookup_layers,
-                                     self.value, o.value_weight)
+                                     self.value, o.value_weight, o.lookup_slots)
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
