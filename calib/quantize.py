@@ -155,9 +155,10 @@ def quantize_bundle(bundle_path: str | Path, out: str | Path, images: str | Path
     if source.precision != "fp32":
         raise CalibrationError(f"{source.directory}: a {source.precision} bundle; calibrate an fp32 bundle "
                                f"(rexedge export --dtype fp32): the quantizer reads float32 weights and activations")
-    if source.decoder.weights is not None:
-        raise CalibrationError(f"{source.directory}: its decoder has {source.decoder.weights['format']} weights "
-                               f"(rexedge export --weights); calibrate a bundle exported without --weights")
+    for name, graph in (("decoder", source.decoder), ("vision encoder", source.vision)):
+        if graph.weights is not None:
+            raise CalibrationError(f"{source.directory}: its {name} has {graph.weights['format']} weights (rexedge "
+                                   f"export --weights / --vision-weights); calibrate a bundle exported without them")
     tasks = check_tasks(tasks)
     samples = plan_samples(find_images(images), tasks, num, seed)
     out = Path(out)

@@ -33,6 +33,7 @@ from rexedge.export.onnx.graph import ExternalData
 from rexedge.export.onnx.head import build_head_graph, quantize_head
 from rexedge.export.onnx.nbits import NBitsWeights
 from rexedge.export.onnx.vision import MERGED, PATCHES, WINDOWS, build_vision_graph
+from rexedge.export.onnx.vision_int8 import quantize_vision
 from rexedge.export.tensorrt.profiles import decoder_profiles, vision_profiles
 from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.base import DEFAULT_MAX_CONTEXT
@@ -115,8 +116,8 @@ def _check_tokenizer(cfg: RexOmniConfig, tokenizer: Tokenizer, where: Path) -> N
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp32", flavour: str = "ort",
-                  progress: bool = True, weights: str | None = None, nbits_options: Mapping[str, Any] | None = None
-                  ) -> Path:
+                  progress: bool = True, weights: str | None = None, nbits_options: Mapping[str, Any] | None = None,
+                  vision_weights: str | None = None) -> Path:
     """Export a checkpoint directory to a bundle at ``out`` (must not exist, or be empty); returns ``out``.
 
     ``precision`` "fp32" or "fp16" (weights, activations and KV cache; inputs, outputs,
@@ -129,6 +130,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     only, see :mod:`rexedge.export.onnx.blocked_dq`), None keeps them in the precision; ``nbits_options``
     overrides :class:`~rexedge.export.onnx.nbits.NBitsWeights`' block settings (tests, measurements).
     An AWQ checkpoint gives int4 weights whatever ``weights`` is None or "int4": its own (module docstring).
+    ``vision_weights`` "int8": the vision graph with int8 weights and activations, by ONNX Runtime's dynamic
+    quantization (ort flavour, fp32; see :mod:`rexedge.export.onnx.vision_int8`); None keeps it float.
     """
     import torch
     from tqdm import tqdm
@@ -137,6 +140,11 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         raise ExportError(f"precision {precision!r}: expected one of {list(schema.PRECISIONS)}")
     if flavour not in FLAVOURS:
         raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
+    if vision_weights not in (None, "int8"):
+        raise ExportError(f"vision_weights {vision_weights!r}: expected 'int8' (or none: float)")
+    if vision_weights is not None and (flavour, precision) != ("ort", "fp32"):
+        raise ExportError(f"vision_weights {vision_weights!r} needs the ort flavour at fp32 (ONNX Runtime's "
+                          f"MatMulInteger on a CPU), not {flavour} at {precision}")
     if weights is not None and weights not in schema.WEIGHT_FORMATS:
         raise ExportError(f"weights {weights!r}: expected one of {list(schema.WEIGHT_FORMATS)} (or none: float)")
     checkpoint, out = Path(checkpoint), Path(out)
@@ -211,6 +219,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                                              _describe(model.graph.output), dims[key])
             if key == schema.DECODER and nbits is not None:
                 graphs[key][schema.WEIGHTS] = nbits.manifest_entry()
+            if key == schema.VISION and vision_weights is not None:
+                if progress:
+                    print("export: quantizing the vision graph to int8 (ONNX Runtime, dynamic)", flush=True)
+                int8_file, int8_data, entry = quantize_vision(staging / file, staging)
+                for name in (file, data.path.name):   # the float graph is not part of this bundle
+                    (staging / name).unlink()
+                graphs[key].update({schema.FILE: int8_file, schema.DATA: int8_data, schema.WEIGHTS: entry})
             if flavour == "trt":
                 graphs[key][schema.PROFILES] = _trt_profiles(cfg, key, graphs[key])
         tokenizer.save(staging / schema.TOKENIZER_FILE)
@@ -262,9 +277,10 @@ def _weight_format(weights: str | None, precision: str, flavour: str, options: M
 
 
 def export_command(args: Any) -> None:
-    """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--weights int4|int8] [--quiet]``."""
+    """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--weights int4|int8]
+    [--vision-weights int8] [--quiet]``."""
     path = export_bundle(args.checkpoint, args.out, precision=args.dtype, flavour=args.flavour,
-                         progress=not args.quiet, weights=args.weights)
+                         progress=not args.quiet, weights=args.weights, vision_weights=args.vision_weights)
     size = sum(p.stat().st_size for p in path.iterdir())
     entry = json.loads((path / schema.MANIFEST).read_text())[schema.GRAPHS][schema.DECODER].get(schema.WEIGHTS)
     quantized = f", {entry['format']} decoder weights ({entry['origin']})" if entry else ""

@@ -99,6 +99,13 @@ def graph_entry(file: str, data: str | None, inputs: list[dict[str, Any]], outpu
     return {FILE: file, DATA: data, INPUTS: inputs, OUTPUTS: outputs, DIMS: dict(dims)}
 
 
+def dynamic_int8_entry(op: str, quantized: list[str]) -> dict[str, Any]:
+    """A graph's ``weights`` after ONNX Runtime's dynamic quantization: int8 weights per output channel
+    (symmetric), int8 activations quantized per call; ``quantized``: the nodes that compute in int8."""
+    return {"format": "int8", "op": op, "bits": 8, "block_size": None, "symmetric": True, "accuracy_level": None,
+            "activations": "int8, per call", "quantized": quantized, "origin": "onnxruntime"}
+
+
 def weights_entry(fmt: str, op: str, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
                   quantized: list[str], origin: str) -> dict[str, Any]:
     """A graph's ``weights``: format ("int4" / "int8"), the operator and its block settings, the quantized

@@ -283,6 +283,9 @@ def test_refuses_what_it_cannot_calibrate(fp32_bundle: Path, tiny_checkpoint: Pa
     int4 = export_bundle(tiny_checkpoint, work / "int4", weights="int4", progress=False)
     with pytest.raises(CalibrationError, match="int4 weights"):
         quantize_bundle(int4, tmp_path / "a", images, progress=False)
+    vision_int8 = export_bundle(tiny_checkpoint, work / "vision-int8", vision_weights="int8", progress=False)
+    with pytest.raises(CalibrationError, match="its vision encoder has int8 weights"):
+        quantize_bundle(vision_int8, tmp_path / "a", images, progress=False)
     with pytest.raises(CalibrationError, match="no image files"):
         quantize_bundle(fp32_bundle, tmp_path / "b", tmp_path, progress=False)
     broken = tmp_path / "broken"

@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["int4", "int8"],
                    help="quantize the decoder's linear weights (ONNX Runtime MatMulNBits, ort flavour, fp32); "
                         "default: float weights in the graph precision")
+    p.add_argument("--vision-weights", choices=["int8"],
+                   help="the vision encoder with int8 weights and activations (ONNX Runtime's dynamic quantization, "
+                        "ort flavour, fp32): ~5x faster on a CPU with VNNI; default float32 (see docs)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_export)
 
