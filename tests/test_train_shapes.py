@@ -34,6 +34,7 @@ from rexedge.runtime.model.checkpoint import load_model
 from rexedge.runtime.model.compact import KVCache
 from rexedge.runtime.request.preprocess import preprocess
 from rexedge.runtime.request.prompts import box_to_bins
+from rexedge.runtime.request.tokenizer import Tokenizer
 
 # 112 x 112 px (16 image tokens): quick, and still every scene of the domain
 TINY = TrainOptions(preset="tiny", batch_size=2, lr=3e-3, warmup_steps=1, decay_steps=100, curriculum_steps=2,
@@ -84,6 +85,12 @@ def test_checkpoint_is_the_trained_model(tmp_path: Path) -> None:
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, trained[name]), name
     assert set(loaded.state_dict()) == set(trained)
+    # with the tokenizer it was trained with: the category names as the same whole-word ids (a checkpoint
+    # once shipped the plain tiny tokenizer, so every evaluation read the names as other tokens)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (tmp_path / CHECKPOINT_DIR / name).read_bytes() == (tmp_path / "tokenizer" / name).read_bytes()
+    shipped = Tokenizer.from_dir(tmp_path / CHECKPOINT_DIR)
+    assert all(shipped.encode_text(c) == trainer.tokenizer.encode_text(c) for c in CATEGORIES)
 
 
 def test_scene_seeds_are_distinct_and_clear_of_evaluation() -> None:

@@ -149,7 +149,8 @@ def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = M
     <|box_start|>, is a box (the coordinate rows' total probability) or "None" more likely, for
     present and for absent categories; and per box slot (x0, y0, x1, y1), the mean distance in bins
     between the expected bin and the true one (a model that only learned the prior: ~150-200 for
-    x0 / y0). Separates "cannot tell which category is where" from "cannot place the box"."""
+    x0 / y0), and between the most likely bin and the true one (``slot_argmax_error``: small while the
+    expected one is large means the mass is split between distant bins, e.g. x and y both written there). Separates "cannot tell which category is where" from "cannot place the box"."""
     import torch
 
     from rexedge.export.shapes.train import make_example
@@ -164,6 +165,7 @@ def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = M
     right = {"present": 0, "absent": 0}
     count = {"present": 0, "absent": 0}
     errors: list[list[float]] = [[], [], [], []]
+    argmax_errors: list[list[float]] = [[], [], [], []]
     with torch.no_grad():
         for index in range(scenes):
             example = make_example(make_scene(first_seed + index), tokenizer, cfg, min_pixels, max_pixels)
@@ -188,10 +190,13 @@ def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = M
                     row = probs[t, coords]
                     expected = float((row * torch.arange(ids.num_coords)).sum() / row.sum())
                     errors[slot % 4].append(abs(expected - (target - coords.start)))
+                    argmax_errors[slot % 4].append(abs(int(row.argmax()) - (target - coords.start)))
                     slot += 1
+    def per_slot(values: list[list[float]]) -> dict[str, float | None]:
+        return {name: round(float(np.mean(e)), 1) if e else None for name, e in zip(("x0", "y0", "x1", "y1"), values)}
+
     return {"present_right": f"{right['present']}/{count['present']}", "absent_right": f"{right['absent']}/{count['absent']}",
-            "slot_error": {name: round(float(np.mean(e)), 1) if e else None
-                           for name, e in zip(("x0", "y0", "x1", "y1"), errors)}}
+            "slot_error": per_slot(errors), "slot_argmax_error": per_slot(argmax_errors)}
 
 
 def export_for_evaluation(checkpoint: str | Path, bundle: Path, weights: str = "float") -> Path:

@@ -588,8 +588,9 @@ class Trainer:
             for name in names:
                 yield name, weights[name].detach().to(dtype).contiguous()
 
-        return write_checkpoint(path, self.cfg, tensors, "float32",
-                                min_pixels=self.options.min_pixels, max_pixels=self.options.max_pixels)
+        # the tokenizer it was trained with (shapes_tokenizer): written from the same phrases
+        return write_checkpoint(path, self.cfg, tensors, "float32", min_pixels=self.options.min_pixels,
+                                max_pixels=self.options.max_pixels, phrases=CATEGORIES)
 
     @classmethod
     def load(cls, out: Path, tokenizer: Tokenizer, changes: dict[str, Any] | None = None) -> "Trainer":
