@@ -204,3 +204,5 @@ def test_teacher_forced_reads_every_category_and_box_slot(tmp_path: Path) -> Non
     absent = sum(len(s.absent) for s in scenes)
     assert report["present_right"].endswith(f"/{present}") and report["absent_right"].endswith(f"/{absent}")
     assert all(0 <= error <= 999 for error in report["slot_error"].values())
+    assert report["slot_argmax_error"].keys() == report["slot_error"].keys()
+    assert all(0 <= error <= 999 for error in report["slot_argmax_error"].values())
