@@ -28,28 +28,26 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import QuantType, quantize_dynamic
 from PIL import Image
 
 from rexedge.bench.metrics import cpu_name
+from rexedge.export.onnx.vision_int8 import QUANTIZED_FILE, quantize_vision
 from rexedge.runtime import manifest as schema
 from rexedge.runtime.backends.graph_session import open_session
 from rexedge.runtime.backends.vision_feeds import vision_feeds
 from rexedge.runtime.bundle import Bundle, load_bundle
 from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS, preprocess
 
-QUANTIZED = "vision.int8-dynamic.onnx"
+QUANTIZED = QUANTIZED_FILE
 
 
 def quantized_vision(bundle: Bundle, work: Path) -> Path:
-    """``work/vision.int8-dynamic.onnx``: the bundle's vision graph through ONNX Runtime's dynamic quantization."""
+    """``work/vision.int8.onnx``: the bundle's vision graph as ``rexedge export --vision-weights int8`` makes it
+    (reused when ``work`` already holds it)."""
     out = work / QUANTIZED
     if not out.is_file():
         work.mkdir(parents=True, exist_ok=True)
-        partial = work / (QUANTIZED + ".partial")
-        quantize_dynamic(bundle.path(bundle.vision.file), partial, weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
-        partial.replace(out)   # its weights file keeps the .partial name the graph refers to
+        quantize_vision(bundle.path(bundle.vision.file), work)
     return out
 
 
