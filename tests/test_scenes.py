@@ -186,13 +186,14 @@ def test_scene_matches_pairs_each_box_with_its_score() -> None:
 def test_accuracy_table_runs_every_setting(tmp_path: Path) -> None:
     write_tiny_checkpoint(tmp_path / "ckpt", "shapes", seed=3)
     rows = accuracy_table(tmp_path / "ckpt", tmp_path / "work", scenes=2, weights=("float",),
-                          decodings=("exact", "constrained"), min_pixels=16 * 28 * 28, max_pixels=16 * 28 * 28)
+                          decodings=("exact", "constrained", "parallel"), min_pixels=16 * 28 * 28,
+                          max_pixels=16 * 28 * 28)
     assert [(r["backend"], r["weights"], r["mode"]) for r in rows] == [
-        ("ort", "float", "exact"), ("ort", "float", "constrained"), ("torch", "float", "exact"),
-        ("torch", "float", "constrained")]
+        (backend, "float", mode) for backend in ("ort", "torch") for mode in ("exact", "constrained", "parallel")]
     assert all(r["truth"] == rows[0]["truth"] > 0 and 0 <= r["recall"] <= 1 for r in rows)
     # the two backends run the same float model: the same answers
-    assert {k: v for k, v in rows[0].items() if k != "backend"} == {k: v for k, v in rows[2].items() if k != "backend"}
+    for ort_row, torch_row in zip(rows[:3], rows[3:]):
+        assert {k: v for k, v in ort_row.items() if k != "backend"} == {k: v for k, v in torch_row.items() if k != "backend"}
     assert markdown_table(rows).count("\n") == len(rows) + 1
 
 

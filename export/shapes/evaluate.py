@@ -118,6 +118,10 @@ DECODINGS: dict[str, dict[str, Any]] = {
     "structured": {"decoding": "structured"},
     "constrained": {"decoding": "structured", "constrain_phrases": True},
     "constrained+mass": {"decoding": "structured", "constrain_phrases": True, "none_by_mass": True},
+    # one branch per category sharing the image's prefill (issue 15): asks the model one category at a time;
+    # a scene's prompt holds at most 4 present + 2 absent categories, hence 6 slots
+    "parallel": {"decoding": "structured", "constrain_phrases": True, "none_by_mass": True,
+                 "parallel_categories": True, "max_batch": 6},
 }
 
 
