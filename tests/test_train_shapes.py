@@ -24,6 +24,7 @@ from rexedge.export.shapes.train import (
     forward_loss,
     lookup_loss,
     make_example,
+    match_loss,
     open_trainer,
     scene_seed,
     shapes_tokenizer,
@@ -216,6 +217,19 @@ def test_object_loss_targets_the_box_and_category_under_each_image_token(tmp_pat
     assert metrics["box_mae"] < 5 < 100 < untrained["box_mae"]
 
 
+def cells_under(scene, shape, merged_grid_hw: tuple[int, int], image_index: torch.Tensor) -> list[int]:
+    """An oracle from the scene itself: the sequence indices of the merged cells whose centre lies in
+    ``shape``'s pixel box, the smallest box winning where boxes overlap."""
+    (rows, cols), (width, height) = merged_grid_hw, scene.size
+    cells = []
+    for k in range(rows * cols):
+        x, y = (k % cols + 0.5) / cols * width, (k // cols + 0.5) / rows * height
+        under = [s for s in scene.shapes if s.box[0] <= x <= s.box[2] and s.box[1] <= y <= s.box[3]]
+        if min(under, key=lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1]), default=None) is shape:
+            cells.append(int(image_index[k]))
+    return cells
+
+
 def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: Path) -> None:
     trainer = open_trainer(tmp_path, TrainOptions(preset="tiny", min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28))
     o, cfg, ids = trainer.options, trainer.cfg, trainer.tokenizer.ids
@@ -234,9 +248,8 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
     for b, (scene, example) in enumerate(zip(scenes, examples)):
         padded[b, :len(example.input_ids)] = torch.from_numpy(example.input_ids)
         positions[:, b, :len(example.input_ids)] = torch.from_numpy(example.positions)
-        rows, cols = preprocess(scene.image, o.min_pixels, o.max_pixels, cfg=cfg).merged_grid_hw
+        grid = preprocess(scene.image, o.min_pixels, o.max_pixels, cfg=cfg).merged_grid_hw
         image_index = (padded[b] == cfg.image_token_id).nonzero()[:, 0]
-        width, height = scene.size
         vision_start = int((padded[b] == cfg.vision_start_token_id).nonzero()[0, 0])
         written = [i for i in range(example.num_prompt, len(example.input_ids))
                    if ids.coord_start <= example.input_ids[i] < ids.coord_start + ids.num_coords][::4]
@@ -244,12 +257,7 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
         assert len(written) == len(answer_boxes) == len(scene.shapes)
         for first, bins in zip(written, answer_boxes):
             shape = next(s for s in scene.shapes if box_to_bins(s.box, scene.size) == bins)
-            cells = []
-            for k in range(rows * cols):
-                x, y = (k % cols + 0.5) / cols * width, (k // cols + 0.5) / rows * height
-                under = [s for s in scene.shapes if s.box[0] <= x <= s.box[2] and s.box[1] <= y <= s.box[3]]
-                if min(under, key=lambda s: (s.box[2] - s.box[0]) * (s.box[3] - s.box[1]), default=None) is shape:
-                    cells.append(int(image_index[k]))
+            cells = cells_under(scene, shape, grid, image_index)
             for slot, query in enumerate(range(first - 1, first + 3)):
                 oracle[b, query] = 0.0
                 oracle[b, query, cells] = 1.0 / len(cells)
@@ -276,6 +284,50 @@ def test_lookup_loss_wants_the_answer_to_attend_to_the_box_it_writes(tmp_path: P
     assert by_slot[1]["lookup_mass"] == pytest.approx(1.0) and float(by_slot[0]) < 1e-4
     # every head on the box at every slot: right for a quarter of the box positions' heads, and for None
     assert all_on_box[1]["lookup_mass"] < 0.6 and float(all_on_box[0]) > 5
+
+
+def test_match_loss_wants_query_and_keys_to_name_the_asked_and_the_underlying_category(tmp_path: Path) -> None:
+    trainer = open_trainer(tmp_path, TrainOptions(preset="tiny", min_pixels=16 * 28 * 28, max_pixels=64 * 28 * 28))
+    o, cfg, ids = trainer.options, trainer.cfg, trainer.tokenizer.ids
+    scenes = [s for s in map(make_scene, range(2**41, 2**41 + 60)) if len(s.shapes) >= 3][:2] + [make_scene(7)]
+    examples = [make_example(s, trainer.tokenizer, cfg, o.min_pixels, o.max_pixels) for s in scenes]
+    length, classes = max(len(e.input_ids) for e in examples), len(CATEGORIES) + 1
+    padded = torch.full((len(examples), length), ids.endoftext)
+    positions = torch.zeros((3, len(examples), length), dtype=torch.int64)
+    # oracle queries and keys: the category one-hot in the first dimensions of head 0, read by an identity
+    queries = torch.zeros((len(examples), 1, length, cfg.head_dim))
+    keys = torch.zeros((len(examples), 1, length, cfg.head_dim))
+    for b, (scene, example) in enumerate(zip(scenes, examples)):
+        n = len(example.input_ids)
+        padded[b, :n] = torch.from_numpy(example.input_ids)
+        positions[:, b, :n] = torch.from_numpy(example.positions)
+        starts = [i for i in range(example.num_prompt, n) if example.input_ids[i] == ids.box_start]
+        assert len(starts) == len(scene.categories)  # one group per asked category, in prompt order
+        for start, category in zip(starts, scene.categories):
+            queries[b, 0, start, CATEGORIES.index(category)] = 30.0
+        image_index = (padded[b] == cfg.image_token_id).nonzero()[:, 0]
+        keys[b, 0, image_index, len(CATEGORIES)] = 30.0   # background unless a shape is under the token
+        grid = preprocess(scene.image, o.min_pixels, o.max_pixels, cfg=cfg).merged_grid_hw
+        for shape in scene.shapes:
+            cells = cells_under(scene, shape, grid, image_index)
+            keys[b, 0, cells] = 0.0
+            keys[b, 0, cells, CATEGORIES.index(shape.category)] = 30.0
+    readout = torch.nn.Linear(cfg.head_dim, classes)
+    with torch.no_grad():
+        readout.weight.zero_()
+        readout.weight[:, :classes] = torch.eye(classes)
+        readout.bias.zero_()
+    match = torch.nn.ModuleDict({"1": readout})
+    loss, metrics = match_loss(match, {1: queries}, {1: keys}, padded, positions, examples, cfg, ids.box_start)
+    assert float(loss.detach()) < 1e-4 and metrics == {"match_query_acc": 1.0, "match_key_acc": 1.0}
+    # a query naming the next category, keys all background: each side's accuracy counts its own mistakes
+    wrong = torch.zeros_like(queries)
+    wrong[..., 1:classes - 1] = queries[..., :classes - 2]
+    wrong[..., 0] = queries[..., classes - 2]
+    background = torch.zeros_like(keys)
+    background[..., len(CATEGORIES)] = 30.0
+    loss, metrics = match_loss(match, {1: wrong}, {1: background}, padded, positions, examples, cfg, ids.box_start)
+    assert metrics["match_query_acc"] == 0.0 and 0.3 < metrics["match_key_acc"] < 1.0 and float(loss.detach()) > 5
 
 
 def test_attention_probe_keeps_the_probabilities_the_attention_used(tmp_path: Path) -> None:
@@ -318,17 +370,19 @@ def test_a_resumed_run_takes_changed_options_from_its_step_on(tmp_path: Path) ->
     assert trainer.options == dataclasses.replace(TINY, box_weight=0.5, lr=1e-4)
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
     trainer = train(tmp_path, steps=3, options=TrainOptions(), log_every=1,
-                    changes={"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0, "lookup_slots": True})
+                    changes={"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0, "lookup_slots": True,
+                             "match_weight": 0.5})
     assert trainer.options.box_weight == 0.5 and trainer.options.lookup_weight == 1.0 and trainer.step == 3
     log = (tmp_path / LOG_FILE).read_text().splitlines()
     assert log[1] == ('{"step": 2, "changed": {"box_weight": 0.5, "lookup_weight": 1.0, "value_weight": 1.0, '
-                      '"lookup_slots": true}}')
-    assert all(f'"{metric}"' in log[2] for metric in ("box_mae", "lookup_mass", "value_mae"))
+                      '"lookup_slots": true, "match_weight": 0.5}}')
+    assert all(f'"{metric}"' in log[2] for metric in ("box_mae", "lookup_mass", "value_mae", "match_query_acc"))
     # the readout it turned on is saved with the state and resumed with it
     resumed = open_trainer(tmp_path, TrainOptions())
     assert torch.equal(resumed.dense["box"].weight, trainer.dense["box"].weight)
     assert sorted(resumed.value) == ["0", "1"]  # the tiny preset has two layers, both probed
     assert all(torch.equal(resumed.value[k].weight, trainer.value[k].weight) for k in resumed.value)
+    assert all(torch.equal(resumed.match[k].weight, trainer.match[k].weight) for k in resumed.match)
 
 
 def test_shapes_tokenizer_spells_each_category_in_two_whole_words(tmp_path: Path) -> None:
