@@ -319,3 +319,9 @@ PRESETS["shapes"] = PRESETS["tiny"].replace(
     vision_out_hidden_size=256,
     fullatt_block_indexes=(1, 3),
 )
+# "shapes" with more position-free room for the content look-up (run J, theta 1000: only the last
+# four width frequencies, <= 0.0024 rad per token, stay under ~0.7 rad over 300 tokens, and the answer's
+# query at <|box_start|> found the named shape with half its attention). theta 1e4 with (2, 4, 26):
+# time 1 .. 0.75, height 0.56 .. 0.24 rad per row (<= 4 rad over 16 rows: no wrap), width 0.18 .. 1.3e-4
+# rad per column, of which the last eleven frequencies are <= 0.0024.
+PRESETS["shapes2"] = PRESETS["shapes"].replace(rope_theta=10000.0, mrope_section=(2, 4, 26))

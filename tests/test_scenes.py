@@ -207,3 +207,5 @@ def test_teacher_forced_reads_every_category_and_box_slot(tmp_path: Path) -> Non
     assert all(0 <= error <= 999 for error in report["slot_error"].values())
     assert report["slot_argmax_error"].keys() == report["slot_error"].keys()
     assert all(0 <= error <= 999 for error in report["slot_argmax_error"].values())
+    for slot, mass in report["lookup_mass"].items():   # attention shares
+        assert 0 <= mass and 0 <= report["lookup_mass_other_shapes"][slot] and mass + report["lookup_mass_other_shapes"][slot] <= 1.0001

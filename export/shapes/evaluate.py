@@ -154,10 +154,14 @@ def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = M
     present and for absent categories; and per box slot (x0, y0, x1, y1), the mean distance in bins
     between the expected bin and the true one (a model that only learned the prior: ~150-200 for
     x0 / y0), and between the most likely bin and the true one (``slot_argmax_error``: small while the
-    expected one is large means the mass is split between distant bins, e.g. x and y both written there). Separates "cannot tell which category is where" from "cannot place the box"."""
+    expected one is large means the mass is split between distant bins, e.g. x and y both written there),
+    and where the last layer's head 0 (the look-up of ``rexedge.export.shapes.train.lookup_loss``) puts its
+    attention when each slot is written: on the box's own image tokens (``lookup_mass``), and on other
+    shapes' (``lookup_mass_other_shapes``). Separates "cannot tell which category is where" from "cannot
+    place the box"."""
     import torch
 
-    from rexedge.export.shapes.train import make_example
+    from rexedge.export.shapes.train import BACKGROUND, AttentionProbe, image_grid, make_example, object_targets
     from rexedge.runtime.model.checkpoint import load_model
     from rexedge.runtime.model.compact import KVCache
     from rexedge.runtime.request.tokenizer import Tokenizer
@@ -170,15 +174,23 @@ def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = M
     count = {"present": 0, "absent": 0}
     errors: list[list[float]] = [[], [], [], []]
     argmax_errors: list[list[float]] = [[], [], [], []]
+    on_box: list[list[float]] = [[], [], [], []]
+    on_others: list[list[float]] = [[], [], [], []]
+    last = cfg.num_hidden_layers - 1
     with torch.no_grad():
         for index in range(scenes):
             example = make_example(make_scene(first_seed + index), tokenizer, cfg, min_pixels, max_pixels)
             tokens = torch.from_numpy(example.input_ids)[None]
             image = model.encode_image(example.pixel_patches, example.indices)
             embeds = model.embed(tokens).masked_scatter((tokens == cfg.image_token_id)[..., None], image)
-            length = tokens.shape[1]
-            hidden = model.decode(embeds, torch.from_numpy(example.positions)[:, None], KVCache.allocate(cfg, 1, length),
-                                  torch.arange(length), kv_length=length)
+            length, positions = tokens.shape[1], torch.from_numpy(example.positions)[:, None]
+            probe = AttentionProbe(range(last, last + 1))
+            hidden = model.decode(embeds, positions, KVCache.allocate(cfg, 1, length), torch.arange(length),
+                                  kv_length=length, ops=probe)
+            attention = probe.probs[last][0, 0]  # [T, T]
+            grid = image_grid(tokens, positions, cfg.image_token_id)
+            classes, boxes = object_targets(grid, [example])
+            token_index = grid["mask"].nonzero(as_tuple=True)[1]
             probs = torch.softmax(model.logits(hidden[0]).float(), dim=-1)
             answer = example.input_ids
             slot = 0
@@ -191,16 +203,25 @@ def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = M
                     right[kind] += (box_mass > none_mass) == (kind == "present")
                     slot = 0
                 if coords.start <= target < coords.stop:
+                    if slot % 4 == 0:   # this box's image tokens, and other shapes'
+                        box = torch.tensor([float(answer[t + 1 + j] - coords.start) for j in range(4)])
+                        own = (classes != BACKGROUND) & (boxes == box).all(dim=1)
+                        mine, theirs = token_index[own], token_index[(classes != BACKGROUND) & ~own]
+                    if len(mine):   # not hidden under another shape
+                        on_box[slot % 4].append(float(attention[t, mine].sum()))
+                        on_others[slot % 4].append(float(attention[t, theirs].sum()))
                     row = probs[t, coords]
                     expected = float((row * torch.arange(ids.num_coords)).sum() / row.sum())
                     errors[slot % 4].append(abs(expected - (target - coords.start)))
                     argmax_errors[slot % 4].append(abs(int(row.argmax()) - (target - coords.start)))
                     slot += 1
-    def per_slot(values: list[list[float]]) -> dict[str, float | None]:
-        return {name: round(float(np.mean(e)), 1) if e else None for name, e in zip(("x0", "y0", "x1", "y1"), values)}
+    def per_slot(values: list[list[float]], digits: int = 1) -> dict[str, float | None]:
+        return {name: round(float(np.mean(e)), digits) if e else None
+                for name, e in zip(("x0", "y0", "x1", "y1"), values)}
 
     return {"present_right": f"{right['present']}/{count['present']}", "absent_right": f"{right['absent']}/{count['absent']}",
-            "slot_error": per_slot(errors), "slot_argmax_error": per_slot(argmax_errors)}
+            "slot_error": per_slot(errors), "slot_argmax_error": per_slot(argmax_errors),
+            "lookup_mass": per_slot(on_box, 3), "lookup_mass_other_shapes": per_slot(on_others, 3)}
 
 
 def export_for_evaluation(checkpoint: str | Path, bundle: Path, weights: str = "float") -> Path:

@@ -58,7 +58,8 @@ LOG_FILE = "train.log"
 INIT_STD = 0.02
 BACKGROUND = len(CATEGORIES)  # the object loss's class of an image token outside every box
 SLOTS = 4  # a box's coordinates x0, y0, x1, y1
-READOUTS = ("aux", "dense", "value", "match")  # the trainer's training-only readouts, each with its own optimizer
+READOUTS = ("aux", "dense", "value", "match")
+TRAINABLE_PRESETS = ("shapes", "shapes2", "tiny")  # the presets of the synthetic ("tiny") vocabulary  # the trainer's training-only readouts, each with its own optimizer
 
 
 @dataclass(frozen=True)
@@ -690,8 +691,9 @@ def open_trainer(out: Path, options: TrainOptions, changes: dict[str, Any] | Non
     if (out / STATE_FILE).exists():
         return Trainer.load(out, tokenizer, changes)
     options = dataclasses.replace(options, **(changes or {}))
-    if options.preset not in ("shapes", "tiny"):
-        raise RexEdgeError(f"preset {options.preset!r}: training uses the synthetic vocabulary, 'shapes' or 'tiny'")
+    if options.preset not in TRAINABLE_PRESETS:
+        raise RexEdgeError(f"preset {options.preset!r}: training uses the synthetic vocabulary, one of "
+                           f"{', '.join(TRAINABLE_PRESETS)}")
     return Trainer(options, tokenizer)
 
 
