@@ -117,7 +117,7 @@ def _check_tokenizer(cfg: RexOmniConfig, tokenizer: Tokenizer, where: Path) -> N
 
 def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp32", flavour: str = "ort",
                   progress: bool = True, weights: str | None = None, nbits_options: Mapping[str, Any] | None = None,
-                  vision_weights: str | None = None) -> Path:
+                  vision_weights: str | None = None, pixels: tuple[int, int] | None = None) -> Path:
     """Export a checkpoint directory to a bundle at ``out`` (must not exist, or be empty); returns ``out``.
 
     ``precision`` "fp32" or "fp16" (weights, activations and KV cache; inputs, outputs,
@@ -132,6 +132,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
     An AWQ checkpoint gives int4 weights whatever ``weights`` is None or "int4": its own (module docstring).
     ``vision_weights`` "int8": the vision graph with int8 weights and activations, by ONNX Runtime's dynamic
     quantization (ort flavour, fp32; see :mod:`rexedge.export.onnx.vision_int8`); None keeps it float.
+    ``pixels`` (min_pixels, max_pixels): the image-size range the model was trained for, recorded in the
+    manifest as the bundle's default (a model trained on small images); None: the official wrapper's defaults.
     """
     import torch
     from tqdm import tqdm
@@ -140,6 +142,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         raise ExportError(f"precision {precision!r}: expected one of {list(schema.PRECISIONS)}")
     if flavour not in FLAVOURS:
         raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
+    if pixels is not None and not (len(pixels) == 2 and all(isinstance(p, int) and p > 0 for p in pixels)
+                                   and pixels[0] <= pixels[1]):
+        raise ExportError(f"pixels {pixels!r}: expected (min_pixels, max_pixels), positive integers, min <= max")
     if vision_weights not in (None, "int8"):
         raise ExportError(f"vision_weights {vision_weights!r}: expected 'int8' (or none: float)")
     if vision_weights is not None and (flavour, precision) != ("ort", "fp32"):
@@ -243,6 +248,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                                            (ids.coord_start, ids.coord_start + ids.num_coords), head_graph),
             schema.GRAPHS: graphs,
         }
+        if pixels is not None:
+            manifest[schema.PIXELS] = {"min_pixels": pixels[0], "max_pixels": pixels[1]}
         if progress:
             print("export: hashing files", flush=True)
         seal_manifest(staging, manifest)
@@ -278,9 +285,13 @@ def _weight_format(weights: str | None, precision: str, flavour: str, options: M
 
 def export_command(args: Any) -> None:
     """``rexedge export CHECKPOINT --out BUNDLE [--dtype fp32|fp16] [--flavour ort|trt] [--weights int4|int8]
-    [--vision-weights int8] [--quiet]``."""
+    [--vision-weights int8] [--min-pixels N --max-pixels N] [--quiet]``."""
+    if (args.min_pixels is None) != (args.max_pixels is None):
+        raise ExportError("--min-pixels and --max-pixels go together (the range the model was trained for)")
+    pixels = None if args.min_pixels is None else (args.min_pixels, args.max_pixels)
     path = export_bundle(args.checkpoint, args.out, precision=args.dtype, flavour=args.flavour,
-                         progress=not args.quiet, weights=args.weights, vision_weights=args.vision_weights)
+                         progress=not args.quiet, weights=args.weights, vision_weights=args.vision_weights,
+                         pixels=pixels)
     size = sum(p.stat().st_size for p in path.iterdir())
     entry = json.loads((path / schema.MANIFEST).read_text())[schema.GRAPHS][schema.DECODER].get(schema.WEIGHTS)
     quantized = f", {entry['format']} decoder weights ({entry['origin']})" if entry else ""

@@ -26,6 +26,10 @@ one image's K categories become K branches, each asking one category, that share
 system prompt and image and decode together; the answers merge in category order
 (``rexedge.runtime.decode.branches``).
 
+``min_pixels`` / ``max_pixels``: the image-size range images are resized into; by default a bundle's own
+(``rexedge export --min-pixels --max-pixels``, for a model trained on small images such as the demo's),
+else the official wrapper's 16*28*28 .. 2560*28*28.
+
 ``max_batch=N`` (backends ``ort`` and ``torch``, on the CPU and CUDA, and ``trt``): up to N requests decode together, one
 backend step for all of them (``rexedge.runtime.decode.loop``, ``DecodeLoop.run_batch``); a finished
 request's slot takes the next one at once. ``inference(images=[...])``, ``batch`` and ``streams`` use
@@ -89,8 +93,8 @@ class RexOmni:
         top_p: float = 0.8,
         top_k: int = 1,
         repetition_penalty: float = 1.05,
-        min_pixels: int = MIN_PIXELS,
-        max_pixels: int = MAX_PIXELS,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         max_boxes: int = 1000,
         seed: int | None = None,
@@ -118,7 +122,11 @@ class RexOmni:
         self.config = self.backend.config
         self.tokenizer = self.backend.tokenizer
         self.ids = self.tokenizer.ids
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        # the image-size range: as given, else the bundle's own (the range its model was trained for), else
+        # the official wrapper's defaults
+        own_min, own_max = self.backend.pixels or (MIN_PIXELS, MAX_PIXELS)
+        self.min_pixels = own_min if min_pixels is None else min_pixels
+        self.max_pixels = own_max if max_pixels is None else max_pixels
         self.system_prompt = system_prompt
         # The official wrapper samples only when temperature > 0; top_p / top_k apply then.
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k if temperature > 0 else 0,

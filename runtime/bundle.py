@@ -57,6 +57,7 @@ from rexedge.runtime.manifest import (
     INT8,
     MANIFEST,
     OUTPUTS,
+    PIXELS,
     PRECISION,
     PRECISIONS,
     TOKENIZER_FILE,
@@ -129,6 +130,12 @@ class Bundle:
                 f"{self.path(head[FILE])}: holds {table.dtype} {list(table.shape)}, "
                 f"the manifest says float32 {head['shape']}")
         return table
+
+    @property
+    def pixels(self) -> tuple[int, int] | None:
+        """(min_pixels, max_pixels) the model was trained for, recorded at export; None: the official defaults."""
+        entry = self.manifest.get(PIXELS)
+        return None if entry is None else (int(entry["min_pixels"]), int(entry["max_pixels"]))
 
     @property
     def head_graph(self) -> Mapping[str, Any] | None:
@@ -279,6 +286,12 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
         raise BundleError(f"{where}: {CONFIG}: {e}") from None
     if precision not in (*PRECISIONS, INT8):
         raise BundleError(f"{where}: {PRECISION} {precision!r}, expected one of {(*PRECISIONS, INT8)}")
+    pixels = manifest.get(PIXELS)
+    if pixels is not None and not (isinstance(pixels, dict) and all(
+            isinstance(pixels.get(k), int) and not isinstance(pixels.get(k), bool) for k in ("min_pixels", "max_pixels"))
+            and 0 < pixels["min_pixels"] <= pixels["max_pixels"]):
+        raise BundleError(f"{where}: {PIXELS} {pixels!r}, expected {{'min_pixels': int, 'max_pixels': int}} with "
+                          f"0 < min_pixels <= max_pixels")
     vision, decoder = _graph(manifest, VISION, where), _graph(manifest, DECODER, where)
     for name, graph in ((VISION, vision), (DECODER, decoder)):
         if graph.weights is not None and graph.weights.get("format") not in WEIGHT_FORMATS:

@@ -44,6 +44,9 @@ FILES = "files"              # {file name: {"sha256", "bytes"}}
 ENGINES = "engines"          # TensorRT engine records (rexedge build)
 PREPACKED = "prepacked"      # ONNX Runtime prepacked-weight graph records per CPU target (rexedge prepack)
 QUANTIZATION = "quantization"  # how an int8 bundle was calibrated
+# optional {"min_pixels", "max_pixels"}: the image-size range the model was trained for, RexOmni's default
+# for this bundle (`rexedge export --min-pixels --max-pixels`); absent: the official wrapper's defaults
+PIXELS = "pixels"
 
 VISION, DECODER = "vision", "decoder"   # the graphs
 

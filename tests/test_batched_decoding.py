@@ -48,6 +48,7 @@ class CountingBackend:
         self.inner = backend
         self.name, self.config, self.tokenizer = backend.name, backend.config, backend.tokenizer
         self.embed_table, self.max_context, self.max_batch = backend.embed_table, backend.max_context, backend.max_batch
+        self.pixels = backend.pixels
         self.calls: list[tuple[int, int, list[int]]] = []   # (rows, width, counts) per step_batch
         self.prefills: list[int] = []
 

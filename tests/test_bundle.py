@@ -191,3 +191,33 @@ def test_loading_a_bundle_with_ort_never_imports_torch(bundle_dir: Path) -> None
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_bundle_carries_the_pixel_range_its_model_was_trained_for(tiny_checkpoint: Path, bundle_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    from rexedge.runtime.api import RexOmni
+    from rexedge.runtime.request.preprocess import MAX_PIXELS, MIN_PIXELS
+
+    own = (20 * 28 * 28, 40 * 28 * 28)
+    bundle = export_bundle(tiny_checkpoint, tmp_path / "small", progress=False, pixels=own)
+    assert load_bundle(bundle).pixels == own and load_bundle(bundle_dir).pixels is None
+    image = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    for model, (low, high) in ((RexOmni(bundle, max_tokens=4), own),
+                               (RexOmni(bundle, max_tokens=4, max_pixels=60 * 28 * 28), (own[0], 60 * 28 * 28)),
+                               (RexOmni(bundle_dir, max_tokens=4), (MIN_PIXELS, MAX_PIXELS))):
+        assert (model.min_pixels, model.max_pixels) == (low, high)
+        [result] = model.inference(image, task="detection", categories=["cup"])
+        width, height = result["resized_size"]
+        # the 640 x 480 image resized into the range (each side to a multiple of 28, the aspect kept)
+        assert width * height <= high and (width * height >= low or high == MAX_PIXELS)
+        assert (width, height) == (644, 476) if high == MAX_PIXELS else width * height > 0.7 * high
+
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["pixels"] = {"min_pixels": 4000, "max_pixels": 3000}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"pixels .*0 < min_pixels <= max_pixels"):
+        load_bundle(bundle)
+    alone = run_cli("export", str(tiny_checkpoint), "--out", str(tmp_path / "alone"), "--min-pixels", "3000")
+    assert alone.returncode == 2 and "--min-pixels and --max-pixels go together" in alone.stderr

@@ -46,7 +46,7 @@ class RecordingBackend:
     def __init__(self, tokenizer: Tokenizer, embed_table: np.ndarray, hidden: Callable[[], np.ndarray],
                  max_context: int = 100_000) -> None:
         self.tokenizer, self.embed_table, self.max_context = tokenizer, embed_table, max_context
-        self.config = None
+        self.config, self.pixels = None, None
         self._hidden = hidden
         self.rope_delta = ROPE_DELTA
         self.steps: list[list[int]] = []

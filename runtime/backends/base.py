@@ -61,6 +61,7 @@ class Backend(Protocol):
     tokenizer: "Tokenizer"
     embed_table: np.ndarray  # [vocab, H] float32: head rows and input lookup (may be a read-only memmap)
     max_context: int  # KV capacity in tokens
+    pixels: tuple[int, int] | None  # the model's own (min_pixels, max_pixels), a bundle's; None: the official defaults
 
     def encode_image(self, image: "PreprocessedImage") -> np.ndarray:
         """Image embeddings [N/4, H] float32 in raster order of the merged grid."""

@@ -136,6 +136,7 @@ class OrtBackend(HostHeadBackend):
 
         self.bundle = bundle
         self.config = cfg
+        self.pixels = bundle.pixels
         self.tokenizer = bundle.load_tokenizer()
         self.embed_table = bundle.load_embed_table()
         self.max_context = max_context

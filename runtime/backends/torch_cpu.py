@@ -90,6 +90,7 @@ class TorchBackend(HostHeadBackend):
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         self._model = load_model(model_path, dtype=torch_dtype)
         self.config = self._model.config
+        self.pixels = None   # a checkpoint: the official defaults (its processor config is Qwen's, not Rex-Omni's)
         if not 1 <= max_context <= self.config.max_position_embeddings:
             raise BackendError(f"torch backend: max_context must be in 1..{self.config.max_position_embeddings}, "
                                f"got {max_context}")

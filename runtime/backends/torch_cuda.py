@@ -137,6 +137,7 @@ class TorchCudaBackend:
         self.device = model.head_weight.device
         self._dtype = model.head_weight.dtype
         self.config = cfg = model.config
+        self.pixels = None   # a checkpoint: the official defaults (its processor config is Qwen's, not Rex-Omni's)
         if not 1 <= max_context <= cfg.max_position_embeddings:
             raise BackendError(f"torch backend: max_context must be in 1..{cfg.max_position_embeddings}, got {max_context}")
         self.tokenizer = tokenizer

@@ -165,6 +165,7 @@ class TrtBackend:
             raise BackendError(f"trt backend: max_batch={max_batch} needs max_context <= {past_max + 1 - self._chunk} "
                                f"with these engines (room for one step's holes), got {max_context}")
         self.bundle, self.config, self.max_context, self.max_batch = bundle, cfg, max_context, max_batch
+        self.pixels = bundle.pixels
         self.tokenizer = bundle.load_tokenizer()
         self.embed_table = bundle.load_embed_table()
         self._length = 0

@@ -292,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-weights", choices=["int8"],
                    help="the vision encoder with int8 weights and activations (ONNX Runtime's dynamic quantization, "
                         "ort flavour, fp32): ~5x faster on a CPU with VNNI; default float32 (see docs)")
+    p.add_argument("--min-pixels", type=int, help="with --max-pixels: the image-size range the model was trained for, "
+                   "recorded as the bundle's default (default: the official wrapper's, 16*28*28 .. 2560*28*28)")
+    p.add_argument("--max-pixels", type=int)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=_export)
 
