@@ -184,15 +184,18 @@ def test_scene_matches_pairs_each_box_with_its_score() -> None:
 
 
 def test_accuracy_table_runs_every_setting(tmp_path: Path) -> None:
-    write_tiny_checkpoint(tmp_path / "ckpt", "shapes", seed=3)
-    rows = accuracy_table(tmp_path / "ckpt", tmp_path / "work", scenes=2, weights=("float",),
-                          decodings=("exact", "constrained", "parallel"), min_pixels=16 * 28 * 28,
-                          max_pixels=16 * 28 * 28)
+    write_tiny_checkpoint(tmp_path / "ckpt", "shapes", seed=4)   # a seed whose random weights write boxes
+    modes = ("exact", "constrained+mass", "parallel")
+    rows = accuracy_table(tmp_path / "ckpt", tmp_path / "work", scenes=2, weights=("float", "vision-int8"),
+                          decodings=modes, min_pixels=16 * 28 * 28, max_pixels=16 * 28 * 28)
     assert [(r["backend"], r["weights"], r["mode"]) for r in rows] == [
-        (backend, "float", mode) for backend in ("ort", "torch") for mode in ("exact", "constrained", "parallel")]
+        (backend, weights, mode) for backend, weights in (("ort", "float"), ("ort", "vision-int8"), ("torch", "float"))
+        for mode in modes]
     assert all(r["truth"] == rows[0]["truth"] > 0 and 0 <= r["recall"] <= 1 for r in rows)
-    # the two backends run the same float model: the same answers
-    for ort_row, torch_row in zip(rows[:3], rows[3:]):
+    # the two backends run the same float model: the same answers (random weights write boxes when the
+    # coordinates' total probability decides)
+    assert rows[1]["predicted"] > 0
+    for ort_row, torch_row in zip(rows[:3], rows[6:]):
         assert {k: v for k, v in ort_row.items() if k != "backend"} == {k: v for k, v in torch_row.items() if k != "backend"}
     assert markdown_table(rows).count("\n") == len(rows) + 1
 

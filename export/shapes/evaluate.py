@@ -9,8 +9,8 @@ one of an absent category, is a false positive.
 
 Are the per-box scores informative? AP at IoU 0.5 with the boxes ranked by their score is set
 against the mean AP of random rankings of the same boxes (same matches). ``--table`` gives the
-whole accuracy table of a checkpoint: ort with float / int8 / int4 decoder weights and torch
-(float), each decoding mode of ``DECODINGS``.
+whole accuracy table of a checkpoint: ort with each weight setting of ``WEIGHTS`` (float, int8 / int4
+decoder weights, int8 vision encoder) and torch (float), each decoding mode of ``DECODINGS``.
 """
 
 from __future__ import annotations
@@ -224,14 +224,21 @@ def teacher_forced(checkpoint: str | Path, scenes: int = 24, min_pixels: int = M
             "lookup_mass": per_slot(on_box, 3), "lookup_mass_other_shapes": per_slot(on_others, 3)}
 
 
+# weight settings of the accuracy table: (decoder weights, vision weights) of ``export_bundle``
+WEIGHTS: dict[str, tuple[str | None, str | None]] = {
+    "float": (None, None), "int8": ("int8", None), "int4": ("int4", None),
+    "vision-int8": (None, "int8"),   # float decoder, int8 vision encoder (export --vision-weights int8)
+}
+
+
 def export_for_evaluation(checkpoint: str | Path, bundle: Path, weights: str = "float") -> Path:
-    """Export ``checkpoint`` to ``bundle`` (replaced): fp32, decoder weights "float", "int8" or "int4"."""
+    """Export ``checkpoint`` to ``bundle`` (replaced): fp32, with the weights of ``WEIGHTS[weights]``."""
     from rexedge.export.bundle import export_bundle
 
     shutil.rmtree(bundle, ignore_errors=True)
     bundle.parent.mkdir(parents=True, exist_ok=True)
-    return export_bundle(checkpoint, bundle, precision="fp32", progress=False,
-                         weights=None if weights == "float" else weights)
+    decoder, vision = WEIGHTS[weights]
+    return export_bundle(checkpoint, bundle, precision="fp32", progress=False, weights=decoder, vision_weights=vision)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, work: str | Path, scenes: int = 50, **options: Any) -> dict[str, float]:
@@ -240,9 +247,9 @@ def evaluate_checkpoint(checkpoint: str | Path, work: str | Path, scenes: int = 
 
 
 def accuracy_table(checkpoint: str | Path, work: str | Path, scenes: int = 50,
-                   weights: Sequence[str] = ("float", "int8", "int4"), decodings: Sequence[str] = tuple(DECODINGS),
+                   weights: Sequence[str] = tuple(WEIGHTS), decodings: Sequence[str] = tuple(DECODINGS),
                    torch_backend: bool = True, **options: Any) -> list[dict[str, Any]]:
-    """One row per (backend, weights, decoding mode): ort on a bundle per weight format, and the
+    """One row per (backend, weights, decoding mode): ort on a bundle per weight setting (``WEIGHTS``), and the
     torch backend on the checkpoint itself (float only: it has no quantized linear layers)."""
     settings = [("ort", w, Path(work) / w) for w in weights] + ([("torch", "float", Path(checkpoint))]
                                                                  if torch_backend else [])
@@ -269,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=50)
     parser.add_argument("--decoding", default="structured", choices=tuple(DECODINGS))
     parser.add_argument("--table", action="store_true",
-                        help="a checkpoint's whole table: ort x float/int8/int4 and torch x float, every decoding mode")
+                        help="a checkpoint's whole table: ort x every weight setting and torch x float, every decoding mode")
     parser.add_argument("--teacher-forced", action="store_true",
                         help="a checkpoint's presence and per-slot coordinate error on the true prefix (no decoding)")
     parser.add_argument("--work", type=Path, default=Path("eval-shapes"), help="where a checkpoint's bundles go")
