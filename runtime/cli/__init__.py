@@ -182,12 +182,11 @@ def _detect(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from rexedge.runtime.demo import DEMO_BUNDLE, DEMO_CATEGORIES, DEMO_IMAGE
+    from rexedge.runtime.demo import DEMO_BUNDLE, DEMO_CATEGORIES, DEMO_IMAGE, DEMO_MODEL
 
-    print("rexedge demo: the embedded default model has RANDOM weights (no trained default model ships yet); "
-          "its detections show that the pipeline runs, not what Rex-Omni sees.", file=sys.stderr)
+    print(f"rexedge demo: the embedded default model is {DEMO_MODEL}.", file=sys.stderr)
     args.task, args.categories, args.keypoint_type, args.visual_prompt_boxes = "detection", DEMO_CATEGORIES, None, None
-    # a random model's free-text phrases are gibberish: name the boxes after the categories
+    # each category answered at most once, under its own name
     args.decoding, args.device, args.constrain_phrases = "structured", "cpu", True
     records, failures = _run_detect([str(DEMO_IMAGE)], [DEMO_IMAGE.name], args, DEMO_BUNDLE)
     _emit(records, args.json)
@@ -209,7 +208,7 @@ def _batch(args: argparse.Namespace) -> None:
 def _add_request_options(p: argparse.ArgumentParser) -> None:
     """The model and request options of every command that runs the model (detect, video, batch)."""
     p.add_argument("--model", required=True, help="bundle directory (ort, trt), checkpoint directory (torch), "
-                   "or 'demo': the embedded default bundle (random weights)")
+                   "or 'demo': the embedded default bundle (the small shapes model)")
     p.add_argument("--backend", default="ort", help="ort (default), torch or trt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--task", default="detection")
