@@ -15,6 +15,8 @@ from test_cli import BLOCK_HEAVY
 
 from rexedge.export.fixtures.demo_assets import demo_scene
 from rexedge.export.shapes.evaluate import evaluate_bundle, iou
+from rexedge.export.shapes.scenes import MAX_PIXELS, MIN_PIXELS
+from rexedge.export.shapes.train import TRAINABLE_PRESETS
 from rexedge.runtime.bundle import load_bundle
 from rexedge.runtime.config import RexOmniConfig
 from rexedge.runtime.demo import DEMO_BUNDLE, DEMO_CATEGORIES, DEMO_IMAGE, DEMO_MODEL
@@ -45,8 +47,9 @@ def test_demo_runs_without_torch_and_draws_category_boxes(tmp_path: Path) -> Non
 def test_shipped_assets_are_what_the_script_makes() -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(DEMO_IMAGE).convert("RGB")), np.asarray(demo_scene().image))
     bundle = load_bundle(DEMO_BUNDLE)  # every file's hash checks out
-    assert bundle.config == RexOmniConfig.preset("shapes")
+    assert bundle.config in [RexOmniConfig.preset(name) for name in TRAINABLE_PRESETS if name != "tiny"]
     assert bundle.precision == "fp32"
+    assert bundle.pixels == (MIN_PIXELS, MAX_PIXELS)   # the sizes it was trained on, its default
     assert sum(f.stat().st_size for f in DEMO_BUNDLE.iterdir()) <= 20 * 2**20
 
 

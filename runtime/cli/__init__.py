@@ -186,7 +186,8 @@ def _demo(args: argparse.Namespace) -> None:
 
     print(f"rexedge demo: the embedded default model is {DEMO_MODEL}.", file=sys.stderr)
     args.task, args.categories, args.keypoint_type, args.visual_prompt_boxes = "detection", DEMO_CATEGORIES, None, None
-    # each category answered at most once, under its own name
+    # each category answered at most once, under its own name; a box rather than "None" when the coordinates'
+    # total probability is the larger (the trained shapes model's best mode: docs/shapes_model.md)
     args.decoding, args.device, args.constrain_phrases = "structured", "cpu", True
     records, failures = _run_detect([str(DEMO_IMAGE)], [DEMO_IMAGE.name], args, DEMO_BUNDLE)
     _emit(records, args.json)
@@ -338,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", default="rexedge-demo.png", metavar="OUT.png", help="annotated image to write")
     p.add_argument("--json", metavar="OUT", help="write the JSON here instead of printing it")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.set_defaults(handler=_demo, backend="ort", none_by_mass=False)
+    p.set_defaults(handler=_demo, backend="ort", none_by_mass=True)
 
     p = sub.add_parser("video", help="detections frame by frame from a video file, camera, URL or GStreamer pipeline")
     p.add_argument("input", metavar="INPUT", help="video file, camera index (0, 1, ...), URL, or GStreamer pipeline")
