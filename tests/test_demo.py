@@ -55,7 +55,8 @@ def test_shipped_assets_are_what_the_script_makes() -> None:
 
 # the target: recall and precision at IoU 0.5 both >= 0.8, structured decoding, on fresh
 # generated scenes (seeds never used in training); 40 scenes hold ~100 shapes
-@pytest.mark.parametrize("decoding,options", [("structured", {}), ("structured", {"constrain_phrases": True})])
+@pytest.mark.parametrize("decoding,options", [("structured", {}), ("structured", {"constrain_phrases": True}),
+                                              ("structured", {"constrain_phrases": True, "none_by_mass": True})])
 def test_shipped_model_finds_the_shapes_of_fresh_scenes(decoding: str, options: dict) -> None:
     result = evaluate_bundle(DEMO_BUNDLE, scenes=40, backend="ort", decoding=decoding, **options)
     assert result["truth"] > 80
