@@ -202,15 +202,24 @@ def test_a_bundle_carries_the_pixel_range_its_model_was_trained_for(tiny_checkpo
     bundle = export_bundle(tiny_checkpoint, tmp_path / "small", progress=False, pixels=own)
     assert load_bundle(bundle).pixels == own and load_bundle(bundle_dir).pixels is None
     image = np.random.default_rng(4).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    seen = []
     for model, (low, high) in ((RexOmni(bundle, max_tokens=4), own),
                                (RexOmni(bundle, max_tokens=4, max_pixels=60 * 28 * 28), (own[0], 60 * 28 * 28)),
                                (RexOmni(bundle_dir, max_tokens=4), (MIN_PIXELS, MAX_PIXELS))):
         assert (model.min_pixels, model.max_pixels) == (low, high)
         [result] = model.inference(image, task="detection", categories=["cup"])
         width, height = result["resized_size"]
+        seen.append([width, height])
         # the 640 x 480 image resized into the range (each side to a multiple of 28, the aspect kept)
         assert width * height <= high and (width * height >= low or high == MAX_PIXELS)
         assert (width, height) == (644, 476) if high == MAX_PIXELS else width * height > 0.7 * high
+
+    # `rexedge prompt` shows the sizes the model sees: the bundle's range unless told otherwise
+    for argv, expected in (((), seen[0]), (("--max-pixels", str(60 * 28 * 28)), seen[1])):
+        shown = run_cli("prompt", "--model", str(bundle), "--task", "detection", "--categories", "cup",
+                        "--image-size", "640x480", "--json", *argv)
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["resized_size"] == expected
 
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())

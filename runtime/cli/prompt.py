@@ -17,9 +17,11 @@ from rexedge.runtime.request.tokenizer import Tokenizer
 def prompt_command(args: argparse.Namespace) -> None:
     """``rexedge prompt``: the prompt, token ids and image grid the model will see (no weights read)."""
     width, height = _parse_image_size(args.image_size)
-    tokenizer, config = _tokenizer_and_config(Path(args.model))
+    tokenizer, config, own_pixels = _model_files(Path(args.model))
+    # as RexOmni resizes: the limits given, else the bundle's own range, else the official defaults
+    own = dict(zip(("min_pixels", "max_pixels"), own_pixels)) if own_pixels else {}
     limits = (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels))
-    pixel_limits = {name: value for name, value in limits if value is not None}
+    pixel_limits = {**own, **{name: value for name, value in limits if value is not None}}
     resized_h, resized_w = smart_resize(height, width, config.image_factor, **pixel_limits)
     grid = (1, resized_h // config.patch_size, resized_w // config.patch_size)
     num_image_tokens = grid[1] * grid[2] // config.merge_unit
@@ -50,12 +52,13 @@ def prompt_command(args: argparse.Namespace) -> None:
     print(f"token_ids:         {' '.join(map(str, token_ids))}")
 
 
-def _tokenizer_and_config(model: Path) -> tuple[Tokenizer, RexOmniConfig]:
-    """From a bundle (manifest.json + tokenizer.json) or a checkpoint (config.json + tokenizer files)."""
+def _model_files(model: Path) -> tuple[Tokenizer, RexOmniConfig, tuple[int, int] | None]:
+    """Tokenizer, config and the model's own pixel range (a bundle's, else None): from a bundle
+    (manifest.json + tokenizer.json) or a checkpoint (config.json + tokenizer files)."""
     if (model / MANIFEST).is_file():
         bundle = load_bundle(model, verify_hashes=False)
-        return bundle.load_tokenizer(), bundle.config
-    return Tokenizer.from_dir(model), RexOmniConfig.from_json(model)
+        return bundle.load_tokenizer(), bundle.config, bundle.pixels
+    return Tokenizer.from_dir(model), RexOmniConfig.from_json(model), None
 
 
 def _parse_image_size(text: str) -> tuple[int, int]:
