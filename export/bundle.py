@@ -142,9 +142,10 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
         raise ExportError(f"precision {precision!r}: expected one of {list(schema.PRECISIONS)}")
     if flavour not in FLAVOURS:
         raise ExportError(f"decoder flavour {flavour!r}: expected one of {sorted(FLAVOURS)}")
-    if pixels is not None and not (len(pixels) == 2 and all(isinstance(p, int) and p > 0 for p in pixels)
-                                   and pixels[0] <= pixels[1]):
-        raise ExportError(f"pixels {pixels!r}: expected (min_pixels, max_pixels), positive integers, min <= max")
+    try:
+        pixel_range = None if pixels is None else schema.pixels_entry(*pixels)
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"pixels {pixels!r}: expected (min_pixels, max_pixels): {e}") from None
     if vision_weights not in (None, "int8"):
         raise ExportError(f"vision_weights {vision_weights!r}: expected 'int8' (or none: float)")
     if vision_weights is not None and (flavour, precision) != ("ort", "fp32"):
@@ -248,8 +249,8 @@ def export_bundle(checkpoint: str | Path, out: str | Path, precision: str = "fp3
                                            (ids.coord_start, ids.coord_start + ids.num_coords), head_graph),
             schema.GRAPHS: graphs,
         }
-        if pixels is not None:
-            manifest[schema.PIXELS] = {"min_pixels": pixels[0], "max_pixels": pixels[1]}
+        if pixel_range is not None:
+            manifest[schema.PIXELS] = pixel_range
         if progress:
             print("export: hashing files", flush=True)
         seal_manifest(staging, manifest)

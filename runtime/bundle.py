@@ -66,6 +66,7 @@ from rexedge.runtime.manifest import (
     VISION,
     WEIGHT_FORMATS,
     WEIGHTS,
+    pixels_entry,
 )
 
 
@@ -287,11 +288,11 @@ def load_bundle(path: str | Path, verify_hashes: bool = True) -> Bundle:
     if precision not in (*PRECISIONS, INT8):
         raise BundleError(f"{where}: {PRECISION} {precision!r}, expected one of {(*PRECISIONS, INT8)}")
     pixels = manifest.get(PIXELS)
-    if pixels is not None and not (isinstance(pixels, dict) and all(
-            isinstance(pixels.get(k), int) and not isinstance(pixels.get(k), bool) for k in ("min_pixels", "max_pixels"))
-            and 0 < pixels["min_pixels"] <= pixels["max_pixels"]):
-        raise BundleError(f"{where}: {PIXELS} {pixels!r}, expected {{'min_pixels': int, 'max_pixels': int}} with "
-                          f"0 < min_pixels <= max_pixels")
+    if pixels is not None:
+        try:
+            pixels_entry(pixels.get("min_pixels"), pixels.get("max_pixels"))
+        except (AttributeError, ValueError) as e:
+            raise BundleError(f"{where}: {PIXELS} {pixels!r}: {e}") from None
     vision, decoder = _graph(manifest, VISION, where), _graph(manifest, DECODER, where)
     for name, graph in ((VISION, vision), (DECODER, decoder)):
         if graph.weights is not None and graph.weights.get("format") not in WEIGHT_FORMATS:

@@ -48,6 +48,14 @@ QUANTIZATION = "quantization"  # how an int8 bundle was calibrated
 # for this bundle (`rexedge export --min-pixels --max-pixels`); absent: the official wrapper's defaults
 PIXELS = "pixels"
 
+
+def pixels_entry(min_pixels: Any, max_pixels: Any) -> dict[str, int]:
+    """The manifest's ``PIXELS`` entry; ValueError unless 0 < min_pixels <= max_pixels, both integers."""
+    if not (all(isinstance(p, int) and not isinstance(p, bool) for p in (min_pixels, max_pixels))
+            and 0 < min_pixels <= max_pixels):
+        raise ValueError(f"pixels ({min_pixels!r}, {max_pixels!r}): expected integers with 0 < min_pixels <= max_pixels")
+    return {"min_pixels": min_pixels, "max_pixels": max_pixels}
+
 VISION, DECODER = "vision", "decoder"   # the graphs
 
 # a graph entry's keys

@@ -58,8 +58,8 @@ LOG_FILE = "train.log"
 INIT_STD = 0.02
 BACKGROUND = len(CATEGORIES)  # the object loss's class of an image token outside every box
 SLOTS = 4  # a box's coordinates x0, y0, x1, y1
-READOUTS = ("aux", "dense", "value", "match")
-TRAINABLE_PRESETS = ("shapes", "shapes2", "tiny")  # the presets of the synthetic ("tiny") vocabulary  # the trainer's training-only readouts, each with its own optimizer
+READOUTS = ("aux", "dense", "value", "match")  # the trainer's training-only readouts, each with its own optimizer
+TRAINABLE_PRESETS = ("shapes", "shapes2", "tiny")  # the presets of the synthetic ("tiny") vocabulary
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,16 @@ def coordinate_embeddings(num_coords: int, hidden: int, seed: int, std: float = 
     return torch.cat([smooth, noise], dim=1)
 
 
+def probed_layers(cfg: RexOmniConfig, lookup_layers: int) -> range:
+    """The decoder layers whose head 0 the look-up, value and match losses supervise: the last ``lookup_layers``."""
+    return range(cfg.num_hidden_layers - lookup_layers, cfg.num_hidden_layers)
+
+
+def readout_optimizer(readout: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """A training-only readout's own AdamW (no weight decay), so that a resumed run can take a readout up."""
+    return torch.optim.AdamW(readout.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+
 def forward_loss(model: RexOmniModel, examples: list[Example], token_ids: TokenIds,
                  coord_sigma: float, aux: torch.nn.Module | None = None, aux_weight: float = 0.0,
                  dense: torch.nn.ModuleDict | None = None, box_weight: float = 0.0, class_weight: float = 0.0,
@@ -200,7 +210,7 @@ def forward_loss(model: RexOmniModel, examples: list[Example], token_ids: TokenI
     embeds = model.embed(ids).masked_scatter((ids == cfg.image_token_id)[..., None], image_embeds)
     cache = KVCache.allocate(cfg, batch, length)
     lookup = lookup_weight > 0 or (value is not None and value_weight > 0) or (match is not None and match_weight > 0)
-    probed = range(cfg.num_hidden_layers - lookup_layers, cfg.num_hidden_layers)
+    probed = probed_layers(cfg, lookup_layers)
     ops = AttentionProbe(probed, heads=SLOTS if lookup_slots else 1) if lookup else DecoderOps()
     hidden = model.decode(embeds, positions, cache, torch.arange(length), kv_length=length, ops=ops)
 
@@ -543,8 +553,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": options.weight_decay},
                                             {"params": no_decay, "weight_decay": 0.0}],
                                            lr=options.lr, betas=(0.9, 0.98))
-        # the position loss's readout: training only (not in the checkpoint), its own optimizer so
-        # that a run can take it up when resumed
+        # the position loss's readout: training only (not in the checkpoint), with its own optimizer
         self.aux: torch.nn.Linear | None = None
         self.aux_optimizer: torch.optim.Optimizer | None = None
         if options.aux_weight > 0:
@@ -552,8 +561,7 @@ class Trainer:
             self.aux = torch.nn.Linear(hidden, 2 * hidden, bias=False)
             with torch.no_grad():
                 self.aux.weight.copy_(torch.eye(hidden).repeat(2, 1))
-            self.aux_optimizer = torch.optim.AdamW(self.aux.parameters(), lr=options.lr, betas=(0.9, 0.98),
-                                                   weight_decay=0.0)
+            self.aux_optimizer = readout_optimizer(self.aux, options.lr)
         # the object losses' readouts: training only as well
         self.dense: torch.nn.ModuleDict | None = None
         self.dense_optimizer: torch.optim.Optimizer | None = None
@@ -563,26 +571,21 @@ class Trainer:
                                               "category": torch.nn.Linear(hidden, BACKGROUND + 1)})
             with torch.no_grad():
                 self.dense["box"].weight.copy_(torch.eye(hidden).repeat(4, 1))
-            self.dense_optimizer = torch.optim.AdamW(self.dense.parameters(), lr=options.lr, betas=(0.9, 0.98),
-                                                     weight_decay=0.0)
+            self.dense_optimizer = readout_optimizer(self.dense, options.lr)
         # the look-up values' readouts, one per probed layer: training only as well
         self.value: torch.nn.ModuleDict | None = None
         self.value_optimizer: torch.optim.Optimizer | None = None
         if options.value_weight > 0:
-            layers = range(self.cfg.num_hidden_layers - options.lookup_layers, self.cfg.num_hidden_layers)
             self.value = torch.nn.ModuleDict({str(layer): torch.nn.Linear(self.cfg.head_dim, 4 * self.cfg.hidden_size)
-                                              for layer in layers})
-            self.value_optimizer = torch.optim.AdamW(self.value.parameters(), lr=options.lr, betas=(0.9, 0.98),
-                                                     weight_decay=0.0)
+                                              for layer in probed_layers(self.cfg, options.lookup_layers)})
+            self.value_optimizer = readout_optimizer(self.value, options.lr)
         # the look-up's category readouts (queries and keys), one per probed layer: training only as well
         self.match: torch.nn.ModuleDict | None = None
         self.match_optimizer: torch.optim.Optimizer | None = None
         if options.match_weight > 0:
-            layers = range(self.cfg.num_hidden_layers - options.lookup_layers, self.cfg.num_hidden_layers)
             self.match = torch.nn.ModuleDict({str(layer): torch.nn.Linear(self.cfg.head_dim, BACKGROUND + 1)
-                                              for layer in layers})
-            self.match_optimizer = torch.optim.AdamW(self.match.parameters(), lr=options.lr, betas=(0.9, 0.98),
-                                                     weight_decay=0.0)
+                                              for layer in probed_layers(self.cfg, options.lookup_layers)})
+            self.match_optimizer = readout_optimizer(self.match, options.lr)
         self.step = 0
 
     def scenes(self, step: int) -> list[Scene]:
